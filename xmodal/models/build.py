@@ -115,10 +115,7 @@ def _lock(model: torch.nn.Module, spec: ModelSpec) -> None:
     if spec.lock_image:
         model.lock_image_tower(unlocked_groups=spec.lock_image_unlocked_groups, freeze_bn_stats=True)
     if spec.lock_text:
-        if hasattr(model, "text"):  # CustomTextCLIP
-            model.lock_text_tower(unlocked_layers=spec.lock_text_unlocked_layers, freeze_layer_norm=True)
-        else:
-            model.lock_text_tower(unlocked_layers=spec.lock_text_unlocked_layers, freeze_layer_norm=True)
+        model.lock_text_tower(unlocked_layers=spec.lock_text_unlocked_layers, freeze_layer_norm=True)
 
 
 def build_tokenizer(cfg: dict[str, Any]):

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny image-text manifests made on the fly, an isolated cache dir."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image, ImageDraw
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
+SHAPES = ("circle", "square")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("XMODAL_CACHE", str(tmp_path_factory.getbasetemp() / "xmodal-cache"))
+
+
+def write_tiny_manifest(folder: Path, n: int = 40, size: int = 40, seed: int = 0) -> Path:
+    """n small images of one coloured shape, captioned with colour and shape; label = shape."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(n):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        img = Image.new("RGB", (size, size), (255, 255, 255))
+        d = ImageDraw.Draw(img)
+        x0, y0 = rng.randint(0, size // 3), rng.randint(0, size // 3)
+        box = (x0, y0, x0 + size // 2, y0 + size // 2)
+        (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLORS[color])
+        name = f"img_{i:03d}.png"
+        img.save(folder / name)
+        lines.append({"image": name, "caption": [f"a {color} {shape}", f"{color} {shape} on white"], "label": shape})
+    path = folder / "data.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+@pytest.fixture
+def tiny_manifest(tmp_path) -> Path:
+    return write_tiny_manifest(tmp_path / "tiny")
+
+
+def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `python -m xmodal ARGS` as a user would; returns the completed process."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "xmodal", *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"xmodal {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

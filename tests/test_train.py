@@ -1,0 +1,164 @@
+"""Trainer: resume after SIGKILL, 2-process equivalence, cached-feature accumulation, LiT, config."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO, run_cli
+from xmodal.train.config import TrainConfig
+from xmodal.train.loop import Trainer
+
+MICRO = ["--model", "xm-micro", "--precision", "fp32", "--no-progress", "--lr", "1e-3", "--warmup", "2"]
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "latest.pt", weights_only=False)["model"]
+
+
+def max_weight_diff(a: Path, b: Path) -> float:
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys()
+    return max((wa[k].float() - wb[k].float()).abs().max().item() for k in wa)
+
+
+def test_resume_after_sigkill_reproduces_the_loss_curve(tiny_manifest, tmp_path):
+    # 40 samples, batch 8 → 5 steps per epoch; 15 steps = 3 epochs; checkpoints every 3 steps (mid-epoch).
+    common = ["train", "--data", str(tiny_manifest), *MICRO, "--batch-size", "8", "--steps", "15",
+              "--save-every", "3", "--log-every", "1", "--aug-crop-scale", "0.7", "--aug-word-drop", "0.2"]
+    ref = tmp_path / "ref"
+    run_cli(*common, "--out", str(ref))
+
+    crashed = tmp_path / "crashed"
+    proc = subprocess.Popen([sys.executable, "-m", "xmodal", *common, "--out", str(crashed)], cwd=REPO,
+                            env={**os.environ, "XMODAL_TEST_STEP_DELAY": "0.4"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (crashed / "checkpoints" / "step_6.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.05)
+    time.sleep(0.5)  # somewhere after step 6, mid-epoch 2
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = max(losses(crashed))
+    assert 6 <= killed_at < 15
+
+    run_cli(*common, "--out", str(crashed), "--resume")
+    a, b = losses(ref), losses(crashed)
+    assert sorted(a) == sorted(b) == list(range(1, 16))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-6, (step, a[step], b[step])
+    assert max_weight_diff(ref, crashed) < 1e-6
+
+
+def test_fresh_run_refuses_to_overwrite_and_resume_of_finished_run_is_a_no_op(tiny_manifest, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", str(tiny_manifest), *MICRO, "--batch-size", "8", "--steps", "2", "--out", str(out)]
+    run_cli(*args)
+    p = run_cli(*args, check=False)
+    assert p.returncode == 2 and "--resume" in p.stderr and "Traceback" not in p.stderr
+    before = losses(out)
+    run_cli(*args, "--resume")
+    assert losses(out) == before
+
+
+@pytest.mark.parametrize("objective", ["clip", "siglip"])
+def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objective):
+    """Same global batch of 8: torchrun with 2 CPU processes (4 each) vs one process.
+    Tolerance: 1e-5 on losses and weights (float32 reduction order differs)."""
+    common = ["train", "--data", str(tiny_manifest), *MICRO, "--batch-size", "8", "--steps", "6",
+              "--log-every", "1", "--objective", objective]
+    single, double = tmp_path / "single", tmp_path / "double"
+    run_cli(*common, "--out", str(single))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         "-m", "xmodal", *common, "--out", str(double)],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = losses(single), losses(double)
+    assert sorted(a) == sorted(b) == list(range(1, 7))
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    assert max_weight_diff(single, double) < 1e-5
+    # and the model actually moved: the test would notice a run that trains nothing
+    assert a[6] < a[1]
+
+
+@pytest.mark.parametrize("objective", ["clip", "siglip"])
+def test_cached_feature_accumulation_equals_the_full_batch(tiny_manifest, tmp_path, objective):
+    """GradCache: 4 micro-batches of 2 give the same losses and weights as one batch of 8."""
+    runs = {}
+    for accum in (1, 4):
+        cfg = TrainConfig(data=str(tiny_manifest), out=str(tmp_path / f"a{accum}"), model="xm-micro", steps=4,
+                          batch_size=8, accum_steps=accum, precision="fp32", progress=False, log_every=1,
+                          objective=objective, lr=1e-3, warmup=1, aug_crop_scale=0.8)
+        runs[accum] = Trainer(cfg).fit()
+    a, b = losses(runs[1]), losses(runs[4])
+    for step in a:
+        assert abs(a[step] - b[step]) < 1e-5
+    assert max_weight_diff(runs[1], runs[4]) < 1e-5
+
+
+def test_yaml_config_flags_win_and_run_dir_contents(tiny_manifest, tmp_path):
+    conf = tmp_path / "c.yaml"
+    conf.write_text(yaml.safe_dump({"batch_size": 4, "steps": 3, "lr": 0.01, "model": "xm-micro", "precision": "fp32"}))
+    out = tmp_path / "run"
+    run_cli("train", "--config", str(conf), "--data", str(tiny_manifest), "--out", str(out), "--lr", "0.002",
+            "--no-progress", "--log-every", "1")
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 0.002 and saved["train"]["batch_size"] == 4 and saved["train"]["steps"] == 3
+    assert saved["model_config"]["embed_dim"] == 32
+    assert (out / "checkpoints" / "latest.pt").is_file() and (out / "checkpoints" / "step_3.pt").is_file()
+    assert (out / "loss.png").stat().st_size > 1000
+    assert list(out.glob("events.out.tfevents.*"))
+    assert sorted(losses(out)) == [1, 2, 3]
+
+
+def test_locked_text_tower_stays_frozen_with_a_hf_tower(tiny_manifest, tmp_path):
+    from xmodal.models import minilm_path
+
+    out = tmp_path / "lit"
+    cfg = TrainConfig(data=str(tiny_manifest), out=str(out), model="xm-micro", hf_text=str(minilm_path()),
+                      lock_text=True, steps=2, batch_size=4, precision="fp32", progress=False, lr=1e-3, warmup=1)
+    trainer = Trainer(cfg)
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.fit()
+    after = trainer.model.state_dict()
+    text_keys = [k for k in before if k.startswith("text.transformer.")]
+    assert text_keys and all(torch.equal(before[k], after[k]) for k in text_keys)
+    head_keys = [k for k in before if k.startswith("text.") and not k.startswith("text.transformer.")]
+    assert head_keys and any(not torch.equal(before[k], after[k]) for k in head_keys)  # projection trains
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("visual."))
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--data", "nope.jsonl"], "nope.jsonl"),
+        (["--objective", "infonce"], "--objective"),
+        (["--model", "no-such-model"], "--model"),
+        (["--batch-size", "7", "--accum-steps", "2"], "--accum-steps"),
+        (["--bogus-flag", "1"], "bogus"),
+    ],
+)
+def test_bad_input_is_one_line_error(tiny_manifest, tmp_path, args, needle):
+    base = ["train", "--out", str(tmp_path / "r"), "--steps", "1", "--no-progress"]
+    if "--data" not in args:
+        base += ["--data", str(tiny_manifest)]
+    p = run_cli(*base, *args, check=False)
+    assert p.returncode == 2
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in p.stderr, p.stderr
