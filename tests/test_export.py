@@ -41,3 +41,15 @@ def test_open_clip_loads_the_export_and_embeds_identically(tiny_manifest, tmp_pa
     m2 = open_clip.create_model(f"local-dir:{out}")
     with torch.no_grad():
         assert torch.allclose(m2.encode_text(tokenizer(texts), normalize=True), ref_txt, atol=1e-6)
+
+
+def test_trimmed_text_encoding_equals_open_clip_full_length():
+    from xmodal.models.text import can_trim, encode_text
+
+    enc = load_encoder("xm-tiny")
+    assert can_trim(enc.model)
+    tok = enc.tokenize(["a red circle", "a much longer caption about a small blue square left of a green star", "x"])
+    with torch.no_grad():
+        full = enc.model.encode_text(tok, normalize=True)
+        trimmed = encode_text(enc.model, tok, normalize=True)
+    assert torch.allclose(full, trimmed, atol=1e-5)

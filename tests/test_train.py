@@ -79,7 +79,8 @@ def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objecti
     """Same global batch of 8: torchrun with 2 CPU processes (4 each) vs one process.
     Tolerance: 1e-5 on losses and weights (float32 reduction order differs)."""
     common = ["train", "--data", str(tiny_manifest), *MICRO, "--batch-size", "8", "--steps", "6",
-              "--log-every", "1", "--objective", objective]
+              "--log-every", "1", "--objective", objective, "--aug-crop-scale", "0.8", "--aug-color", "0.2",
+              "--aug-word-drop", "0.1"]
     single, double = tmp_path / "single", tmp_path / "double"
     run_cli(*common, "--out", str(single))
     proc = subprocess.run(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 
 import typer
@@ -34,24 +33,18 @@ for _name in _STAGES:
 
 def main() -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
+    from typer._click import exceptions as ce  # typer ≥ 0.29 vendors click
+
     try:
         app(standalone_mode=False)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except ce.NoArgsIsHelpError:  # `xmodal data` alone: typer has already shown that group's help
+        sys.exit(0)
+    except ce.ClickException as e:  # bad flags, missing arguments
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors (bad flags) come through here in non-standalone mode
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            print(f"error: {e.format_message()}", file=sys.stderr)
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(1)
-        if os.environ.get("XMODAL_DEBUG"):
-            raise
-        raise

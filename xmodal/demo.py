@@ -8,7 +8,7 @@ import typer
 
 def demo(
     out: str = typer.Option("xmodal-demo", help="Folder for the data and the run."),
-    steps: int = typer.Option(600, help="Training steps (batch 128)."),
+    steps: int = typer.Option(400, help="Training steps (batch 128)."),
     n_train: int = typer.Option(8000, help="Training images to generate."),
     model: str = typer.Option("xm-tiny", help="Model config."),
     seed: int = typer.Option(0),

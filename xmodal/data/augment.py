@@ -26,13 +26,19 @@ class AugmentConfig:
         return self.crop_scale < 1.0 or self.flip > 0 or self.color > 0
 
 
-def augment_images(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
-    """float pixels in [0,1], N×3×H×W → augmented float pixels in [0,1] (same shape)."""
-    n = x.shape[0]
+def augment_images(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, offset: int = 0,
+                   total: int | None = None) -> torch.Tensor:
+    """float pixels in [0,1], N×3×H×W → augmented float pixels in [0,1] (same shape).
+
+    Random parameters are drawn for `total` samples and rows offset..offset+N are used, so a slice of a
+    batch (one rank's share, one micro-batch) is augmented exactly as it would be in the whole batch.
+    """
+    n = total if total is not None else x.shape[0]
+    rows = slice(offset, offset + x.shape[0])
     if cfg.crop_scale < 1.0 or cfg.flip > 0:
         area = torch.empty(n).uniform_(cfg.crop_scale, 1.0, generator=gen)
         log_r = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
-        ratio = log_r.exp()
+        ratio = log_r.exp() if cfg.crop_scale < 1.0 else torch.ones(n)  # flip alone: no crop
         sx = (area * ratio).sqrt().clamp(max=1.0)  # crop width as a fraction of the image
         sy = (area / ratio).sqrt().clamp(max=1.0)
         tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx)
@@ -43,13 +49,15 @@ def augment_images(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator) ->
         theta[:, 0, 2] = tx
         theta[:, 1, 1] = sy
         theta[:, 1, 2] = ty
+        theta = theta[rows]
         grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
     if cfg.color > 0:
         s = cfg.color
 
         def factors() -> torch.Tensor:
-            return (1 + (torch.rand(n, generator=gen) * 2 - 1) * s).view(n, 1, 1, 1).to(x.device, x.dtype)
+            f = 1 + (torch.rand(n, generator=gen) * 2 - 1) * s
+            return f[rows].view(-1, 1, 1, 1).to(x.device, x.dtype)
 
         x = x * factors()  # brightness
         mean = x.mean(dim=(1, 2, 3), keepdim=True)

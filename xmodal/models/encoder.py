@@ -19,6 +19,7 @@ import yaml
 
 from xmodal.errors import UserError
 from xmodal.models.build import ModelSpec, build_model, build_tokenizer, resolve_model_config
+from xmodal.models.text import encode_text
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -95,7 +96,7 @@ class Encoder:
         for i in range(0, len(texts), batch_size):
             tok = self.tokenize(texts[i : i + batch_size]).to(self.device)
             with self._autocast():
-                f = self.model.encode_text(tok)
+                f = encode_text(self.model, tok)
             out.append(F.normalize(f.float(), dim=-1).cpu())
         self.model.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.dim)

@@ -20,6 +20,7 @@ from xmodal.data.augment import AugmentConfig, augment_images, drop_words
 from xmodal.errors import UserError
 from xmodal.models import Encoder, ModelSpec, build_model, build_tokenizer, resolve_model_config
 from xmodal.models.encoder import pick_device
+from xmodal.models.text import encode_text
 from xmodal.objectives import contrastive_loss
 from xmodal.train import distributed as D
 from xmodal.train.checkpoint import load_checkpoint, save_checkpoint
@@ -69,21 +70,26 @@ class Batcher:
         return step // self.steps_per_epoch
 
     def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 images b×3×S×S, tokens b×L) for this rank at `step`."""
+        """(uint8 images b×3×S×S, tokens b×L) for this rank at `step`. Every random choice is made for
+        the whole global batch (or per global position), so ranks see exactly their slice of it."""
         epoch, j = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
             self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed(self.cfg.seed, epoch)))
             self._perm_epoch = epoch
         idx = self._perm[j * self.global_batch : (j + 1) * self.global_batch]
-        r = self.dist.rank
-        local = idx[r * self.local_batch : (r + 1) * self.local_batch]
-        gen = torch.Generator().manual_seed(_seed(self.cfg.seed, step, r, 7))
-        choice = (torch.rand(len(local), generator=gen) * self.cap_count[local]).long()
-        cap_idx = self.cap_start[local] + choice
+        gen = torch.Generator().manual_seed(_seed(self.cfg.seed, step, 7))
+        choice = (torch.rand(len(idx), generator=gen) * self.cap_count[idx]).long()
+        start = self.dist.rank * self.local_batch
+        rows = slice(start, start + self.local_batch)
+        local, cap_idx = idx[rows], (self.cap_start[idx] + choice)[rows]
         if self.tokens is not None:
             tokens = self.tokens[cap_idx]
         else:
-            texts = [drop_words(self.flat_captions[i], self.cfg.aug_word_drop, gen) for i in cap_idx.tolist()]
+            texts = [
+                drop_words(self.flat_captions[c], self.cfg.aug_word_drop,
+                           torch.Generator().manual_seed(_seed(self.cfg.seed, step, start + i, 13)))
+                for i, c in enumerate(cap_idx.tolist())
+            ]
             tokens = self.tokenizer(texts)
         return self.data.images[local], tokens
 
@@ -223,14 +229,16 @@ class Trainer:
                else contextlib.nullcontext())
         with ctx:
             img = self.model.encode_image(self.encoder.normalize_pixels(x), normalize=True)
-            txt = self.model.encode_text(tokens, normalize=True)
+            txt = encode_text(self.model, tokens, normalize=True)
         return img.float(), txt.float()
 
-    def _pixels(self, images: torch.Tensor, step: int, micro: int) -> torch.Tensor:
+    def _pixels(self, images: torch.Tensor, step: int, offset: int) -> torch.Tensor:
+        """uint8 → float [0,1] on the device, augmented; `offset` = local position in the rank's batch."""
         x = images.to(self.device, non_blocking=True).float().div_(255)
         if self.aug.images_enabled:
-            gen = torch.Generator().manual_seed(_seed(self.cfg.seed, step, self.dist.rank, micro, 11))
-            x = augment_images(x, self.aug, gen)
+            gen = torch.Generator().manual_seed(_seed(self.cfg.seed, step, 11))
+            start = self.dist.rank * (self.cfg.batch_size // self.dist.world_size) + offset
+            x = augment_images(x, self.aug, gen, offset=start, total=self.cfg.batch_size)
         return x
 
     def _loss(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
@@ -247,8 +255,9 @@ class Trainer:
             loss.backward()
         else:  # GradCache: features of every micro-batch first, loss over the whole batch, then re-forward
             im_chunks, tok_chunks = images.chunk(k), tokens.chunk(k)
+            micro = len(im_chunks[0])
             with torch.no_grad():
-                feats = [self._features(self._pixels(im, step, i), tk) for i, (im, tk) in
+                feats = [self._features(self._pixels(im, step, i * micro), tk) for i, (im, tk) in
                          enumerate(zip(im_chunks, tok_chunks, strict=True))]
             img_all = torch.cat([f[0] for f in feats]).requires_grad_()
             txt_all = torch.cat([f[1] for f in feats]).requires_grad_()
@@ -256,7 +265,7 @@ class Trainer:
             loss.backward()
             g_img, g_txt = img_all.grad.chunk(k), txt_all.grad.chunk(k)
             for i, (im, tk) in enumerate(zip(im_chunks, tok_chunks, strict=True)):
-                img, txt = self._features(self._pixels(im, step, i), tk)
+                img, txt = self._features(self._pixels(im, step, i * micro), tk)
                 torch.autograd.backward([img, txt], [g_img[i], g_txt[i]])
         D.all_reduce_mean_grads(self.params, self.dist.world_size)
         if self.cfg.grad_clip > 0:

@@ -1,0 +1,162 @@
+"""`xmodal eval MODEL --data MANIFEST …`: evaluate a model, print a table, write JSON / HTML report."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from xmodal.errors import UserError
+
+
+def parse_number(text: str, flag: str) -> float:
+    """'4/255' or '0.0157' → float (pixel-unit flags are easier to read as fractions)."""
+    try:
+        return float(Fraction(text.strip())) if "/" in text else float(text)
+    except (ValueError, ZeroDivisionError) as e:
+        raise UserError(f"{flag} {text}: not a number (use e.g. 4/255 or 0.0157)") from e
+
+
+def results_table(results: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title=f"xmodal eval — {results.get('meta', {}).get('model', '')}")
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    from xmodal.eval.report import _fmt, _table
+
+    for task, res in results.items():
+        if task == "meta":
+            continue
+        first = True
+        for k, v in _table(res):
+            if k.startswith("settings.") or k.endswith(".kind") or k in ("ties", "positives"):
+                continue
+            table.add_row(task if first else "", k, _fmt(v))
+            first = False
+    meta = results.get("meta", {})
+    table.caption = f"{meta.get('n_images')} images, {meta.get('n_texts')} texts, {meta.get('seconds')} s"
+    return table
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("eval")
+    def eval_cmd(
+        model: Annotated[
+            str, typer.Argument(help="xmodal run dir, exported open_clip dir, or open_clip config name/JSON")
+        ],
+        data: Annotated[Path, typer.Option("--data", help="manifest (JSONL/CSV/…) of the evaluation set")],
+        task: Annotated[
+            str,
+            typer.Option(
+                "--task", help="comma list of retrieval,zeroshot,probe,hubness,gap,robustness or all"
+            ),
+        ] = "retrieval,zeroshot",
+        json_out: Annotated[Path | None, typer.Option("--json", help="write results JSON here")] = None,
+        report: Annotated[
+            Path | None, typer.Option("--report", help="write results.json + self-contained index.html here")
+        ] = None,
+        positives: Annotated[
+            str | None,
+            typer.Option(
+                "--positives",
+                help="also count items with identical caption text (caption) or the same label (label)",
+            ),
+        ] = None,
+        templates: Annotated[
+            Path | None, typer.Option("--templates", help="zero-shot prompt templates, one per line with {}")
+        ] = None,
+        batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+        device: Annotated[
+            str | None, typer.Option("--device", help="cpu, cuda, cuda:1 … (default: cuda if available)")
+        ] = None,
+        pretrained: Annotated[
+            str | None, typer.Option("--pretrained", help="local weights for a config-name MODEL")
+        ] = None,
+        checkpoint: Annotated[
+            str | None, typer.Option("--checkpoint", help="checkpoint of a run dir (default latest.pt)")
+        ] = None,
+        ties: Annotated[
+            str, typer.Option("--ties", help="topk (as CLIP_benchmark), index, pessimistic, optimistic")
+        ] = "topk",
+        map_k: Annotated[int, typer.Option("--map-k")] = 10,
+        hubness_k: Annotated[int, typer.Option("--hubness-k")] = 10,
+        seed: Annotated[int, typer.Option("--seed")] = 0,
+        pgd_eps: Annotated[str, typer.Option("--pgd-eps", help="L∞ radius in [0,1] pixel units")] = "4/255",
+        pgd_steps: Annotated[int, typer.Option("--pgd-steps")] = 10,
+        pgd_step_size: Annotated[str, typer.Option("--pgd-step-size")] = "1/255",
+        pgd_images: Annotated[
+            int, typer.Option("--pgd-images", help="images attacked (seeded subset; 0 = no PGD)")
+        ] = 100,
+        noise_std: Annotated[float, typer.Option("--noise-std")] = 0.08,
+        blur_sigma: Annotated[float, typer.Option("--blur-sigma")] = 1.0,
+        jpeg_quality: Annotated[int, typer.Option("--jpeg-quality")] = 20,
+        typo_rate: Annotated[float, typer.Option("--typo-rate")] = 0.3,
+        image_key: Annotated[str | None, typer.Option("--image-key")] = None,
+        caption_key: Annotated[str | None, typer.Option("--caption-key")] = None,
+        label_key: Annotated[str | None, typer.Option("--label-key")] = None,
+        workers: Annotated[int, typer.Option("--workers")] = 0,
+        quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    ) -> None:
+        """Evaluate MODEL on --data: retrieval, zero-shot, probe, hubness, modality gap, robustness."""
+        from rich.console import Console
+
+        from xmodal.eval import evaluate, parse_tasks, read_templates, write_json
+
+        parse_tasks(task)  # fail fast on a bad --task, before loading anything
+        if not data.exists():
+            raise UserError(f"--data {data}: file not found")
+        tmpl = read_templates(templates) if templates is not None else None
+        opts = dict(
+            ties=ties,
+            map_k=map_k,
+            hubness_k=hubness_k,
+            seed=seed,
+            pgd_eps=parse_number(pgd_eps, "--pgd-eps"),
+            pgd_steps=pgd_steps,
+            pgd_step_size=parse_number(pgd_step_size, "--pgd-step-size"),
+            pgd_images=pgd_images,
+            noise_std=noise_std,
+            blur_sigma=blur_sigma,
+            jpeg_quality=jpeg_quality,
+            typo_rate=typo_rate,
+        )
+        from xmodal.eval.core import EvalOptions
+
+        EvalOptions.from_kwargs(
+            positives=positives, templates=tmpl, **opts
+        )  # flag errors before the model loads
+
+        from xmodal.data import load_dataset
+        from xmodal.models import load_encoder
+
+        encoder = load_encoder(model, pretrained=pretrained, device=device, checkpoint=checkpoint)
+        ds = load_dataset(
+            str(data),
+            encoder.image_size,
+            image_key=image_key,
+            caption_key=caption_key,
+            label_key=label_key,
+            workers=workers,
+            progress=not quiet,
+        )
+        results = evaluate(
+            encoder,
+            ds,
+            task,
+            positives=positives,
+            templates=tmpl,
+            batch_size=batch_size,
+            report_dir=report,
+            skip_unavailable=True if task.strip() in ("retrieval,zeroshot", "all") else None,
+            progress=not quiet,
+            **opts,
+        )
+        if json_out is not None:
+            write_json(json_out, results)
+        Console().print(results_table(results))
+        if report is not None:
+            Console(stderr=True).print(f"report: {report / 'index.html'}")
