@@ -229,7 +229,9 @@ class Trainer:
                else contextlib.nullcontext())
         with ctx:
             img = self.model.encode_image(self.encoder.normalize_pixels(x), normalize=True)
-            txt = encode_text(self.model, tokens, normalize=True)
+            # trimming padding is data-dependent, which torch.compile would trace as a graph break
+            txt = (self.model.encode_text(tokens, normalize=True) if self.cfg.compile
+                   else encode_text(self.model, tokens, normalize=True))
         return img.float(), txt.float()
 
     def _pixels(self, images: torch.Tensor, step: int, offset: int) -> torch.Tensor:
