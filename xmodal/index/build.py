@@ -1,0 +1,311 @@
+"""Building and updating index directories: `build_index`, `add_to_index`, `delete_from_index`, `add_bank`."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from xmodal.errors import UserError
+from xmodal.index import fsutil
+from xmodal.index.binary import METHODS as BINARY_METHODS
+from xmodal.index.embed import MAX_PIXELS, embed_collection, to_collection
+from xmodal.index.store import (
+    DEFAULT_BETA,
+    KINDS,
+    SearchIndex,
+    Thumbs,
+    new_info,
+    open_index,
+    rows_to_table,
+)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _check_kind(kind: str, bits: int, binary_method: str, rerank: int) -> None:
+    if not kind or not kind.strip():
+        raise UserError("--kind: empty; use flat, hnsw, ivfpq, binary or a FAISS factory string")
+    if kind not in KINDS and not any(ch.isupper() for ch in kind):
+        raise UserError(
+            f"--kind {kind}: use one of {', '.join(KINDS)} or a FAISS factory string such as "
+            "'IVF256,PQ32' or 'HNSW32'"
+        )
+    if kind == "binary":
+        if bits <= 0 or bits % 8:
+            raise UserError(f"--bits {bits}: must be a positive multiple of 8")
+        if binary_method not in BINARY_METHODS:
+            raise UserError(f"--binary-method {binary_method}: use one of {', '.join(BINARY_METHODS)}")
+    if rerank < 0:
+        raise UserError(f"--rerank {rerank}: must be 0 (off) or more")
+
+
+def build_index(
+    encoder: Any,
+    data: Any,
+    out: str | Path,
+    kind: str = "flat",
+    *,
+    model_source: str | None = None,
+    pretrained: str | None = None,
+    bits: int = 256,
+    binary_method: str = "itq",
+    rerank: int = 100,
+    chunk_size: int = 4096,
+    caption_gallery: bool = False,
+    thumb_size: int = 128,
+    hnsw_m: int = 32,
+    ef_search: int | None = None,
+    nlist: int | None = None,
+    nprobe: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    work_dir: str | Path | None = None,
+    keep_work: bool = False,
+    image_key: str | None = None,
+    caption_key: str | None = None,
+    label_key: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+    log: Any = _log,
+) -> SearchIndex:
+    """Embed `data` with `encoder` and write the index directory `out` (atomically; a previous index at `out`
+    stays usable until the new one replaces it). Returns the opened SearchIndex (encoder attached).
+
+    data: a manifest path (JSONL/CSV/folder/shards), an `ImageTextData`, or a list of `Record`s.
+    kind: flat | hnsw | ivfpq | binary | any FAISS factory string (inner-product metric).
+    model_source/pretrained: recorded in index.json so `open_index(out).search_text(...)` can reload the
+    model later; without them text/image search needs an encoder passed in.
+    Embedding runs in chunks saved under `work_dir` (default OUT.work/) so a killed build resumes."""
+    _check_kind(kind, bits, binary_method, rerank)
+    out = Path(out).absolute()
+    coll, read_skips = to_collection(
+        data, image_key=image_key, caption_key=caption_key, label_key=label_key, max_pixels=max_pixels
+    )
+    work = Path(work_dir) if work_dir else out.parent / f"{out.name}.work"
+    with fsutil.locked(out):
+        emb = embed_collection(
+            encoder,
+            coll,
+            work,
+            chunk_size=chunk_size,
+            caption_gallery=caption_gallery,
+            thumb_size=thumb_size,
+            progress=progress,
+            log=log,
+        )
+        skipped = {**read_skips}
+        for k, v in emb.skipped.items():
+            skipped[k] = skipped.get(k, 0) + v
+        if not emb.rows:
+            why = ", ".join(f"{v} {k}" for k, v in skipped.items()) or "no items"
+            raise UserError(f"{coll.source}: no image could be indexed ({why})")
+        if skipped:
+            log("skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
+        from xmodal.index.model import describe_source
+
+        model = (
+            describe_source(model_source, pretrained) | {"name": getattr(encoder, "name", None)}
+            if model_source
+            else {"name": getattr(encoder, "name", None), "source": None, "pretrained": None}
+        )
+        info = new_info(
+            kind,
+            int(encoder.dim),
+            {
+                "rerank": rerank,
+                "bits": bits,
+                "binary_method": binary_method,
+                "hnsw_m": hnsw_m,
+                "ef_search": ef_search,
+                "nlist": nlist,
+                "nprobe": nprobe,
+                "seed": seed,
+            },
+            image_size=int(encoder.image_size),
+            model=model,
+        )
+        info.update(
+            count=len(emb.rows),
+            source=coll.source,
+            skipped=skipped,
+            caption_gallery=bool(caption_gallery),
+            thumb_size=thumb_size,
+        )
+        thumbs = Thumbs()
+        thumbs.extend(emb.thumbs)
+        cap_v = cap_m = None
+        if caption_gallery:
+            cap_v = emb.caption_vectors
+            cap_m = pa.table(
+                {
+                    "id": pa.array([emb.rows[i]["id"] for i in emb.caption_items], pa.string()),
+                    "caption": pa.array(emb.caption_texts, pa.string()),
+                }
+            )
+        idx = SearchIndex(
+            info,
+            rows_to_table(emb.rows),
+            emb.vectors,
+            thumbs=thumbs,
+            caption_vectors=cap_v,
+            caption_meta=cap_m,
+            encoder=encoder,
+        )
+        idx.rebuild_ann()
+        idx.save(out)
+        if not keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+    log(f"index written: {out} ({len(idx)} items, kind {idx.kind})")
+    return idx
+
+
+def _encoder_for(idx: SearchIndex, encoder: Any) -> Any:
+    if encoder is not None:
+        idx.encoder = encoder
+    return idx.encoder
+
+
+def add_to_index(
+    path: str | Path,
+    data: Any,
+    *,
+    encoder: Any = None,
+    chunk_size: int = 4096,
+    progress: bool = True,
+    image_key: str | None = None,
+    caption_key: str | None = None,
+    label_key: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+    log: Any = _log,
+) -> int:
+    """Embed `data` with the index's model and append it to the index at `path`. Returns the count added."""
+    path = Path(path).absolute()
+    with fsutil.locked(path):
+        idx = open_index(path, mmap=False)
+        coll, read_skips = to_collection(
+            data, image_key=image_key, caption_key=caption_key, label_key=label_key, max_pixels=max_pixels
+        )
+        dup = [i for i in coll.ids if idx.row_of(i) is not None]
+        if dup:
+            raise UserError(
+                f"{len(dup)} item id(s) are already in {path} (e.g. {dup[0]!r}); remove them with "
+                "`xmodal index delete` first"
+            )
+        enc = _encoder_for(idx, encoder)
+        work = path.parent / f"{path.name}.work-add"
+        emb = embed_collection(
+            enc,
+            coll,
+            work,
+            chunk_size=chunk_size,
+            caption_gallery=bool(idx.info.get("caption_gallery")),
+            thumb_size=int(idx.info.get("thumb_size", 128)),
+            progress=progress,
+            log=log,
+        )
+        skipped = {**read_skips, **emb.skipped}
+        if skipped:
+            log("skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
+        n = idx.add_embedded(emb)
+        idx.save(path)
+        shutil.rmtree(work, ignore_errors=True)
+    log(f"added {n} item(s); {path} now holds {len(idx)}")
+    return n
+
+
+def delete_from_index(path: str | Path, ids: Sequence[str], log: Any = _log) -> int:
+    """Remove items by id from the index at `path`; returns how many were removed (unknown ids are
+    reported and ignored)."""
+    path = Path(path).absolute()
+    with fsutil.locked(path):
+        idx = open_index(path, mmap=False)
+        unknown = [i for i in ids if idx.row_of(i) is None]
+        if unknown:
+            log(f"not in the index (ignored): {', '.join(unknown[:10])}{' …' if len(unknown) > 10 else ''}")
+        n = idx.delete(ids)
+        if n:
+            idx.save(path)
+    log(f"deleted {n} item(s); {path} now holds {len(idx)}")
+    return n
+
+
+def read_text_lines(path: str | Path) -> list[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--texts {path}: file not found")
+    try:
+        lines = [x.strip() for x in p.read_text(encoding="utf-8").splitlines()]
+    except UnicodeDecodeError as e:
+        raise UserError(f"--texts {path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    lines = [x for x in lines if x]
+    if not lines:
+        raise UserError(f"--texts {path}: no non-empty lines")
+    return lines
+
+
+def add_bank(
+    path: str | Path,
+    *,
+    texts: Sequence[str] | None = None,
+    data: Any = None,
+    encoder: Any = None,
+    beta: float = DEFAULT_BETA,
+    image_beta: float | None = None,
+    invgc: str | None = None,
+    r_q: float = 0.1,
+    r_g: float = 0.1,
+    pool_rate: float = 0.01,
+    chunk_size: int = 4096,
+    progress: bool = True,
+    source: str = "",
+    log: Any = _log,
+) -> SearchIndex:
+    """Embed query/gallery banks and store them in the index (hubness offsets, activation sets, folded ANN).
+
+    texts → the text bank (queries for text→image); data (a manifest/dataset) → its images become the image
+    bank and its captions join the text bank. invgc: none | invgc | localadj applied to the gallery
+    vectors. Each call replaces the banks it gives and keeps the others."""
+    path = Path(path).absolute()
+    if texts is None and data is None and invgc is None:
+        raise UserError("xmodal index bank: give --texts FILE and/or --data MANIFEST (or --invgc)")
+    with fsutil.locked(path):
+        idx = open_index(path, mmap=False)
+        text_bank: list[str] = list(texts or [])
+        if data is not None or text_bank:
+            enc = _encoder_for(idx, encoder)
+        if data is not None:
+            coll, _ = to_collection(data)
+            work = path.parent / f"{path.name}.work-bank"
+            emb = embed_collection(
+                enc, coll, work, chunk_size=chunk_size, thumb_size=0, progress=progress, log=log
+            )
+            shutil.rmtree(work, ignore_errors=True)
+            if len(emb.vectors):
+                idx.set_bank(
+                    "image", emb.vectors, beta=image_beta or beta, source=source or coll.source, refresh=False
+                )
+            text_bank += [c for r in emb.rows for c in r["captions"]]
+        if text_bank:
+            vecs = np.concatenate(
+                [enc.encode_texts(text_bank[i : i + 4096]).numpy() for i in range(0, len(text_bank), 4096)]
+            )
+            idx.set_bank(
+                "text", vecs, beta=beta, source=source or ("texts" if texts else "captions"), refresh=False
+            )
+        if invgc is not None:
+            idx.set_invgc(invgc, r_q=r_q, r_g=r_g, pool_rate=pool_rate, refresh=False)
+        idx.refresh_hubness()
+        idx.save(path)
+    log(
+        f"banks in {path}: "
+        + (", ".join(f"{b} ({idx.info['banks'][b]['count']})" for b in idx.bank_names) or "none")
+        + (f"; InvGC {idx.info['invgc']['method']}" if idx.info.get("invgc") else "")
+    )
+    return idx

@@ -1,0 +1,205 @@
+"""`xmodal index build|add|delete|bank|info` and `xmodal search`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import typer
+
+from xmodal.errors import UserError
+
+index_app = typer.Typer(help="Build and maintain search indexes (FAISS + metadata).", no_args_is_help=True)
+
+
+def _ids(value: str) -> list[str]:
+    ids = [x.strip() for x in value.split(",") if x.strip()]
+    if not ids:
+        raise UserError("--ids: give one or more comma-separated item ids")
+    return ids
+
+
+@index_app.command("build")
+def build_cmd(
+    model: str = typer.Argument(..., help="Run dir, open_clip export dir, or model config name/JSON."),
+    data: str = typer.Option(..., "--data", help="Manifest (JSONL/CSV), image folder or .tar shards."),
+    out: Path = typer.Option(..., "--out", help="Index directory to write (replaced atomically)."),
+    kind: str = typer.Option("flat", "--kind", help="flat | hnsw | ivfpq | binary | a FAISS factory string."),
+    pretrained: str = typer.Option(None, "--pretrained", help="Local weights for a config-name MODEL."),
+    bits: int = typer.Option(256, "--bits", help="Code length for --kind binary (multiple of 8)."),
+    binary_method: str = typer.Option("itq", "--binary-method", help="itq | lsh (for --kind binary)."),
+    rerank: int = typer.Option(
+        100, "--rerank", help="Re-rank this many ANN candidates by float vectors (0: off)."
+    ),
+    chunk_size: int = typer.Option(4096, "--chunk-size", help="Items per saved embedding chunk."),
+    caption_gallery: bool = typer.Option(
+        False, "--caption-gallery", help="Also embed captions (image→text)."
+    ),
+    nprobe: int = typer.Option(None, "--nprobe", help="IVF lists probed per query (default: nlist/4)."),
+    nlist: int = typer.Option(None, "--nlist", help="IVF lists (default: √N, clamped)."),
+    ef_search: int = typer.Option(None, "--ef-search", help="HNSW efSearch (default 128)."),
+    hnsw_m: int = typer.Option(32, "--hnsw-m", help="HNSW neighbours per node."),
+    thumb_size: int = typer.Option(128, "--thumb-size", help="Stored thumbnail size in px (0: none)."),
+    image_key: str = typer.Option(None, "--image-key"),
+    caption_key: str = typer.Option(None, "--caption-key"),
+    label_key: str = typer.Option(None, "--label-key"),
+    device: str = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)."),
+    keep_work: bool = typer.Option(False, "--keep-work", help="Keep OUT.work/ chunks after success."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Embed a collection and write an index directory (resumable: a rerun reuses finished chunks)."""
+    from xmodal.data.records import source_kind
+    from xmodal.index.build import _check_kind, build_index
+    from xmodal.index.model import has_weights, load_model
+
+    _check_kind(kind, bits, binary_method, rerank)
+    source_kind(data)  # fail on a missing/unknown --data before the (slow) model load
+    if not has_weights(model, pretrained):
+        print(f"note: {model} has no weights (no --pretrained); using a seeded random init", file=sys.stderr)
+    enc = load_model(model, pretrained, device)
+    build_index(
+        enc,
+        data,
+        out,
+        kind=kind,
+        model_source=model,
+        pretrained=pretrained,
+        bits=bits,
+        binary_method=binary_method,
+        rerank=rerank,
+        chunk_size=chunk_size,
+        caption_gallery=caption_gallery,
+        thumb_size=thumb_size,
+        hnsw_m=hnsw_m,
+        ef_search=ef_search,
+        nlist=nlist,
+        nprobe=nprobe,
+        progress=progress,
+        keep_work=keep_work,
+        image_key=image_key,
+        caption_key=caption_key,
+        label_key=label_key,
+    )
+
+
+@index_app.command("add")
+def add_cmd(
+    index: Path = typer.Argument(..., help="Index directory."),
+    data: str = typer.Option(..., "--data", help="Manifest with the items to add."),
+    chunk_size: int = typer.Option(4096, "--chunk-size"),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Embed more items with the index's model and append them."""
+    from xmodal.index.build import add_to_index
+
+    add_to_index(index, data, chunk_size=chunk_size, progress=progress)
+
+
+@index_app.command("delete")
+def delete_cmd(
+    index: Path = typer.Argument(..., help="Index directory."),
+    ids: str = typer.Option(..., "--ids", help="Comma-separated item ids."),
+) -> None:
+    """Remove items by id."""
+    from xmodal.index.build import delete_from_index
+
+    delete_from_index(index, _ids(ids))
+
+
+@index_app.command("bank")
+def bank_cmd(
+    index: Path = typer.Argument(..., help="Index directory."),
+    texts: str = typer.Option(None, "--texts", help="Text file, one sample query per line (text bank)."),
+    data: str = typer.Option(None, "--data", help="Manifest: its images → image bank, captions → text bank."),
+    beta: float = typer.Option(20.0, "--beta", help="Inverted-softmax temperature β for the banks."),
+    invgc: str = typer.Option(None, "--invgc", help="none | invgc | localadj: adjust gallery vectors."),
+    r_q: float = typer.Option(0.1, "--invgc-rq", help="InvGC rate for the query (text) bank."),
+    r_g: float = typer.Option(0.1, "--invgc-rg", help="InvGC rate for the gallery (image) bank."),
+    pool_rate: float = typer.Option(0.01, "--invgc-pool", help="LocalAdj: fraction of bank neighbours used."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Store query/gallery banks for hubness correction (QB-Norm, DBNorm) and optionally InvGC."""
+    from xmodal.index.build import add_bank, read_text_lines
+
+    add_bank(
+        index,
+        texts=read_text_lines(texts) if texts else None,
+        data=data,
+        beta=beta,
+        invgc=invgc,
+        r_q=r_q,
+        r_g=r_g,
+        pool_rate=pool_rate,
+        progress=progress,
+    )
+
+
+@index_app.command("info")
+def info_cmd(index: Path = typer.Argument(..., help="Index directory.")) -> None:
+    """Print index.json."""
+    from xmodal.index.store import open_index
+
+    idx = open_index(index)
+    print(json.dumps(idx.info, indent=2, ensure_ascii=False))
+
+
+def search_cmd(
+    index: Path = typer.Argument(..., help="Index directory."),
+    query: str = typer.Argument(None, help="Text query (text → image)."),
+    image: Path = typer.Option(
+        None, "--image", help="Image query (image → image, or → text with --captions)."
+    ),
+    k: int = typer.Option(10, "--k", "-k", help="Number of results."),
+    norm: str = typer.Option(
+        "none", "--norm", help="none | qbnorm | qbnorm-dynamic | dbnorm | dbnorm-dynamic."
+    ),
+    captions: bool = typer.Option(False, "--captions", help="With --image: search the caption gallery."),
+    as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
+    model: str = typer.Option(None, "--model", help="Override the model recorded in the index."),
+    pretrained: str = typer.Option(None, "--pretrained"),
+) -> None:
+    """Search an index by text or by image."""
+    from xmodal.index.store import open_index
+
+    if (query is None) == (image is None):
+        raise UserError("give either a text QUERY or --image PATH")
+    if k < 1 or k > 10000:
+        raise UserError(f"--k {k}: must be between 1 and 10000")
+    idx = open_index(index)
+    if model:
+        from xmodal.index.model import load_model
+
+        idx.encoder = load_model(model, pretrained)
+    if query is not None:
+        if captions:
+            raise UserError("--captions searches captions by an image: use it with --image")
+        if not query.strip():
+            raise UserError("empty query")
+        hits = idx.search_text(query, k=k, norm=norm)
+    else:
+        from xmodal.data import load_image
+        from xmodal.data.records import DataStats
+
+        stats = DataStats()
+        img = load_image(str(image), stats)
+        if img is None:
+            raise UserError(f"--image {image}: cannot read the image ({stats.summary() or 'unreadable'})")
+        hits = idx.search_captions(img, k=k) if captions else idx.search_image(img, k=k, norm=norm)
+    if as_json:
+        print(json.dumps(hits, ensure_ascii=False, indent=2, default=str))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(hits)} result(s)" + (f" · {norm}" if norm and norm != "none" else ""))
+    for col in ("#", "score", "id", "caption"):
+        table.add_column(col, justify="right" if col in ("#", "score") else "left")
+    for h in hits:
+        table.add_row(str(h["rank"]), f"{h['score']:.4f}", str(h["id"]), str(h.get("caption") or ""))
+    Console().print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(index_app, name="index")
+    app.command("search")(search_cmd)

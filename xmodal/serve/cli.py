@@ -1,0 +1,53 @@
+"""`xmodal serve INDEX`: the search API and web page."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+
+from xmodal.errors import UserError
+
+
+def serve_cmd(
+    index: Path = typer.Argument(..., help="Index directory (xmodal index build)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind (default: loopback only)."),
+    port: int = typer.Option(8765, "--port", help="TCP port."),
+    api_key: str = typer.Option(
+        None, "--api-key", help="Require this X-API-Key header (or set XMODAL_API_KEY)."
+    ),
+    max_upload_mb: float = typer.Option(10.0, "--max-upload-mb", help="Largest accepted image upload."),
+    max_pixels: float = typer.Option(40e6, "--max-pixels", help="Largest accepted image, in pixels."),
+    model: str = typer.Option(None, "--model", help="Override the model recorded in the index."),
+    pretrained: str = typer.Option(None, "--pretrained"),
+) -> None:
+    """Serve an index: JSON API (/search, /search/image, /items, /thumb, /health, /docs) and a web
+    page at /."""
+    from xmodal.index import open_index
+    from xmodal.serve import run
+
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port}: must be 1-65535")
+    if max_upload_mb <= 0 or max_pixels <= 0:
+        raise UserError("--max-upload-mb and --max-pixels must be positive")
+    key = api_key or os.environ.get("XMODAL_API_KEY") or None
+    open_index(index)  # a clear error for a bad path before uvicorn starts
+    encoder = None
+    if model:
+        from xmodal.index.model import load_model
+
+        encoder = load_model(model, pretrained)
+    run(
+        index,
+        host=host,
+        port=port,
+        api_key=key,
+        max_upload_mb=max_upload_mb,
+        max_pixels=int(max_pixels),
+        encoder=encoder,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve")(serve_cmd)
