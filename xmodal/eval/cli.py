@@ -85,6 +85,15 @@ def register(app: typer.Typer) -> None:
         map_k: Annotated[int, typer.Option("--map-k")] = 10,
         hubness_k: Annotated[int, typer.Option("--hubness-k")] = 10,
         seed: Annotated[int, typer.Option("--seed")] = 0,
+        hubness_norm: Annotated[
+            str | None,
+            typer.Option("--hubness-norm", help="also report retrieval corrected by qbnorm, qbnorm-dynamic, "
+                         "dbnorm, dbnorm-dynamic, invgc or localadj"),
+        ] = None,
+        hubness_bank: Annotated[
+            str | None, typer.Option("--hubness-bank", help="manifest for the correction's banks (e.g. train)")
+        ] = None,
+        hubness_beta: Annotated[float, typer.Option("--hubness-beta", help="inverse temperature")] = 20.0,
         pgd_eps: Annotated[str, typer.Option("--pgd-eps", help="L∞ radius in [0,1] pixel units")] = "4/255",
         pgd_steps: Annotated[int, typer.Option("--pgd-steps")] = 10,
         pgd_step_size: Annotated[str, typer.Option("--pgd-step-size")] = "1/255",
@@ -115,6 +124,9 @@ def register(app: typer.Typer) -> None:
             map_k=map_k,
             hubness_k=hubness_k,
             seed=seed,
+            hubness_norm=hubness_norm,
+            hubness_bank=hubness_bank,
+            hubness_beta=hubness_beta,
             pgd_eps=parse_number(pgd_eps, "--pgd-eps"),
             pgd_steps=pgd_steps,
             pgd_step_size=parse_number(pgd_step_size, "--pgd-step-size"),

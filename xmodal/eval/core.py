@@ -27,6 +27,10 @@ class EvalOptions:
     map_k: int = 10
     hubness_k: int = 10
     seed: int = 0
+    # hubness correction of retrieval scores (xmodal.index.hubness): reported beside the raw numbers
+    hubness_norm: str | None = None  # qbnorm | qbnorm-dynamic | dbnorm | dbnorm-dynamic | invgc | localadj
+    hubness_bank: str | None = None  # manifest whose images and captions form the banks (e.g. train split)
+    hubness_beta: float = 20.0
     # modality gap
     gap_max_items: int = 2000  # per modality, for uniformity and the linear classifier (seeded subsample)
     gap_test_size: float = 0.3
@@ -51,7 +55,8 @@ class EvalOptions:
         unknown = sorted(set(kw) - names)
         if unknown:
             raise TypeError(f"evaluate() got unknown task options {unknown}; known: {sorted(names)}")
-        opts = cls(**{k: v for k, v in kw.items() if v is not None or k in ("positives", "templates")})
+        keep_none = ("positives", "templates", "hubness_norm", "hubness_bank")
+        opts = cls(**{k: v for k, v in kw.items() if v is not None or k in keep_none})
         opts.validate()
         return opts
 
@@ -74,6 +79,16 @@ class EvalOptions:
             )
         if self.templates is not None:
             check_templates(self.templates, "templates")
+        if self.hubness_norm not in (None, "none"):
+            from xmodal.index.hubness import METHODS
+
+            if self.hubness_norm not in METHODS:
+                raise UserError(f"--hubness-norm {self.hubness_norm}: choose one of {', '.join(METHODS)}")
+            if not self.hubness_bank:
+                raise UserError(f"--hubness-norm {self.hubness_norm} needs --hubness-bank MANIFEST "
+                                "(queries and gallery items to normalise against, e.g. the training split)")
+            if not Path(self.hubness_bank).exists():
+                raise UserError(f"--hubness-bank {self.hubness_bank}: file not found")
 
 
 def check_templates(templates: list[str], where: str) -> None:

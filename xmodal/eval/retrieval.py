@@ -75,12 +75,39 @@ def run(ctx: EvalContext) -> dict[str, Any]:
     t2i = retrieval_metrics(s, pos, o.ks, o.map_k, o.ties)
     has = pos.any(0)  # images without any caption are no i2t query (they have no positive)
     i2t = retrieval_metrics(s.T[has], pos.T[has], o.ks, o.map_k, o.ties)
-    rsum = sum(d[f"R@{k}"] for d in (t2i, i2t) for k in (1, 5, 10) if f"R@{k}" in d)
-    return {
+    out = {
         "t2i": t2i,
         "i2t": i2t,
-        "RSUM": float(rsum),
+        "RSUM": _rsum(t2i, i2t),
         "positives": o.positives or "pair",
         "ties": o.ties,
         "n_queries": {"t2i": c.n_texts, "i2t": int(has.sum())},
     }
+    if o.hubness_norm not in (None, "none"):
+        out["corrected"] = corrected_retrieval(ctx, pos, has)
+    return out
+
+
+def _rsum(t2i: dict[str, float], i2t: dict[str, float]) -> float:
+    return float(sum(d[f"R@{k}"] for d in (t2i, i2t) for k in (1, 5, 10) if f"R@{k}" in d))
+
+
+def corrected_retrieval(ctx: EvalContext, pos: torch.Tensor, has: torch.Tensor) -> dict[str, Any]:
+    """The same metrics on hubness-corrected scores (QB-Norm, DBNorm, InvGC… from xmodal.index.hubness),
+    each direction normalised against banks in its own query and gallery modalities."""
+    from xmodal.data import load_dataset
+    from xmodal.index.hubness import corrected_similarities
+
+    o, c, enc = ctx.options, ctx.cache, ctx.encoder
+    bank = load_dataset(o.hubness_bank, enc.image_size, progress=False)
+    ctx.log(f"hubness bank: {len(bank)} images from {o.hubness_bank}")
+    bank_img = enc.encode_images(bank.images).numpy()
+    bank_txt = enc.encode_texts(list(dict.fromkeys(t for caps in bank.captions for t in caps))).numpy()
+    txt, img = c.caption_embs.numpy(), c.images.numpy()
+    kw = {"beta": o.hubness_beta, "beta_g": o.hubness_beta}
+    s_t2i = corrected_similarities(txt, img, o.hubness_norm, query_bank=bank_txt, gallery_bank=bank_img, **kw)
+    s_i2t = corrected_similarities(img, txt, o.hubness_norm, query_bank=bank_img, gallery_bank=bank_txt, **kw)
+    t2i = retrieval_metrics(torch.from_numpy(s_t2i), pos, o.ks, o.map_k, o.ties)
+    i2t = retrieval_metrics(torch.from_numpy(s_i2t)[has], pos.T[has], o.ks, o.map_k, o.ties)
+    return {"method": o.hubness_norm, "bank": str(o.hubness_bank), "beta": o.hubness_beta,
+            "t2i": t2i, "i2t": i2t, "RSUM": _rsum(t2i, i2t)}
