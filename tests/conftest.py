@@ -36,7 +36,9 @@ def write_tiny_manifest(folder: Path, n: int = 40, size: int = 40, seed: int = 0
         (d.ellipse if shape == "circle" else d.rectangle)(box, fill=COLORS[color])
         name = f"img_{i:03d}.png"
         img.save(folder / name)
-        lines.append({"image": name, "caption": [f"a {color} {shape}", f"{color} {shape} on white"], "label": shape})
+        lines.append(
+            {"image": name, "caption": [f"a {color} {shape}", f"{color} {shape} on white"], "label": shape}
+        )
     path = folder / "data.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in lines))
     return path
@@ -47,11 +49,21 @@ def tiny_manifest(tmp_path) -> Path:
     return write_tiny_manifest(tmp_path / "tiny")
 
 
-def run_cli(*args: str, env: dict | None = None, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict | None = None, check: bool = True, timeout: int = 300
+) -> subprocess.CompletedProcess:
     """Run `python -m xmodal ARGS` as a user would; returns the completed process."""
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.run([sys.executable, "-m", "xmodal", *args], capture_output=True, text=True, env=full_env,
-                          timeout=timeout, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "xmodal", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=REPO,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"xmodal {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"xmodal {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc

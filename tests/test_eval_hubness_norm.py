@@ -15,7 +15,9 @@ def test_qbnorm_corrected_recall_equals_brute_force(tmp_path):
     bank = write_tiny_manifest(tmp_path / "bank", n=30, seed=2)
     enc = load_encoder("xm-micro")
     data = load_dataset(test, enc.image_size, progress=False)
-    res = evaluate(enc, data, ("retrieval",), hubness_norm="qbnorm", hubness_bank=str(bank), hubness_beta=10.0)
+    res = evaluate(
+        enc, data, ("retrieval",), hubness_norm="qbnorm", hubness_bank=str(bank), hubness_beta=10.0
+    )
     corr = res["retrieval"]["corrected"]
     assert corr["method"] == "qbnorm"
 
@@ -38,8 +40,21 @@ def test_qbnorm_corrected_recall_equals_brute_force(tmp_path):
 def test_cli_flags_and_errors(tmp_path):
     test = write_tiny_manifest(tmp_path / "test", n=12, seed=1)
     out = tmp_path / "r.json"
-    run_cli("eval", "xm-micro", "--data", str(test), "--task", "retrieval", "--hubness-norm", "dbnorm",
-            "--hubness-bank", str(test), "--json", str(out), "--quiet")
+    run_cli(
+        "eval",
+        "xm-micro",
+        "--data",
+        str(test),
+        "--task",
+        "retrieval",
+        "--hubness-norm",
+        "dbnorm",
+        "--hubness-bank",
+        str(test),
+        "--json",
+        str(out),
+        "--quiet",
+    )
     r = json.loads(out.read_text())["retrieval"]
     assert r["corrected"]["method"] == "dbnorm" and "R@1" in r["corrected"]["i2t"]
     p = run_cli("eval", "xm-micro", "--data", str(test), "--hubness-norm", "qbnorm", check=False)

@@ -11,13 +11,31 @@ from xmodal.models import load_encoder
 
 def test_open_clip_loads_the_export_and_embeds_identically(tiny_manifest, tmp_path):
     run, out = tmp_path / "run", tmp_path / "export"
-    run_cli("train", "--data", str(tiny_manifest), "--out", str(run), "--model", "xm-micro", "--steps", "3",
-            "--batch-size", "8", "--precision", "fp32", "--no-progress", "--objective", "siglip")
+    run_cli(
+        "train",
+        "--data",
+        str(tiny_manifest),
+        "--out",
+        str(run),
+        "--model",
+        "xm-micro",
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--objective",
+        "siglip",
+    )
     run_cli("export", str(run), "--format", "open_clip", str(out))
     assert (out / "model.json").is_file() and (out / "open_clip_model.pt").is_file()
 
     open_clip.add_model_config(out / "model.json")
-    oc_model, _, preprocess = open_clip.create_model_and_transforms("model", pretrained=str(out / "open_clip_model.pt"))
+    oc_model, _, preprocess = open_clip.create_model_and_transforms(
+        "model", pretrained=str(out / "open_clip_model.pt")
+    )
     oc_model.eval()
     tokenizer = open_clip.get_tokenizer("model")
     enc = load_encoder(run)
@@ -29,9 +47,13 @@ def test_open_clip_loads_the_export_and_embeds_identically(tiny_manifest, tmp_pa
     paths.append(tmp_path / "wide.png")
     texts = ["a red circle", "blue square on white", "a shape"]
     with torch.no_grad():
-        ref_img = oc_model.encode_image(torch.stack([preprocess(Image.open(p)) for p in paths]), normalize=True)
+        ref_img = oc_model.encode_image(
+            torch.stack([preprocess(Image.open(p)) for p in paths]), normalize=True
+        )
         ref_txt = oc_model.encode_text(tokenizer(texts), normalize=True)
-    ours_img = enc.encode_images(torch.stack([resize_center_crop(load_image(str(p)), enc.image_size) for p in paths]))
+    ours_img = enc.encode_images(
+        torch.stack([resize_center_crop(load_image(str(p)), enc.image_size) for p in paths])
+    )
     ours_txt = enc.encode_texts(texts)
     assert torch.allclose(ours_img, ref_img, atol=1e-5), (ours_img - ref_img).abs().max()
     assert torch.allclose(ours_txt, ref_txt, atol=1e-5)
@@ -48,7 +70,9 @@ def test_trimmed_text_encoding_equals_open_clip_full_length():
 
     enc = load_encoder("xm-tiny")
     assert can_trim(enc.model)
-    tok = enc.tokenize(["a red circle", "a much longer caption about a small blue square left of a green star", "x"])
+    tok = enc.tokenize(
+        ["a red circle", "a much longer caption about a small blue square left of a green star", "x"]
+    )
     with torch.no_grad():
         full = enc.model.encode_text(tok, normalize=True)
         trimmed = encode_text(enc.model, tok, normalize=True)

@@ -36,15 +36,35 @@ def max_weight_diff(a: Path, b: Path) -> float:
 
 def test_resume_after_sigkill_reproduces_the_loss_curve(tiny_manifest, tmp_path):
     # 40 samples, batch 8 → 5 steps per epoch; 15 steps = 3 epochs; checkpoints every 3 steps (mid-epoch).
-    common = ["train", "--data", str(tiny_manifest), *MICRO, "--batch-size", "8", "--steps", "15",
-              "--save-every", "3", "--log-every", "1", "--aug-crop-scale", "0.7", "--aug-word-drop", "0.2"]
+    common = [
+        "train",
+        "--data",
+        str(tiny_manifest),
+        *MICRO,
+        "--batch-size",
+        "8",
+        "--steps",
+        "15",
+        "--save-every",
+        "3",
+        "--log-every",
+        "1",
+        "--aug-crop-scale",
+        "0.7",
+        "--aug-word-drop",
+        "0.2",
+    ]
     ref = tmp_path / "ref"
     run_cli(*common, "--out", str(ref))
 
     crashed = tmp_path / "crashed"
-    proc = subprocess.Popen([sys.executable, "-m", "xmodal", *common, "--out", str(crashed)], cwd=REPO,
-                            env={**os.environ, "XMODAL_TEST_STEP_DELAY": "0.4"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xmodal", *common, "--out", str(crashed)],
+        cwd=REPO,
+        env={**os.environ, "XMODAL_TEST_STEP_DELAY": "0.4"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while not (crashed / "checkpoints" / "step_6.pt").exists():
         assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
@@ -65,7 +85,18 @@ def test_resume_after_sigkill_reproduces_the_loss_curve(tiny_manifest, tmp_path)
 
 def test_fresh_run_refuses_to_overwrite_and_resume_of_finished_run_is_a_no_op(tiny_manifest, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--data", str(tiny_manifest), *MICRO, "--batch-size", "8", "--steps", "2", "--out", str(out)]
+    args = [
+        "train",
+        "--data",
+        str(tiny_manifest),
+        *MICRO,
+        "--batch-size",
+        "8",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+    ]
     run_cli(*args)
     p = run_cli(*args, check=False)
     assert p.returncode == 2 and "--resume" in p.stderr and "Traceback" not in p.stderr
@@ -78,15 +109,48 @@ def test_fresh_run_refuses_to_overwrite_and_resume_of_finished_run_is_a_no_op(ti
 def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objective):
     """Same global batch of 8: torchrun with 2 CPU processes (4 each) vs one process.
     Tolerance: 1e-5 on losses and weights (float32 reduction order differs)."""
-    common = ["train", "--data", str(tiny_manifest), *MICRO, "--batch-size", "8", "--steps", "6",
-              "--log-every", "1", "--objective", objective, "--aug-crop-scale", "0.8", "--aug-color", "0.2",
-              "--aug-word-drop", "0.1"]
+    common = [
+        "train",
+        "--data",
+        str(tiny_manifest),
+        *MICRO,
+        "--batch-size",
+        "8",
+        "--steps",
+        "6",
+        "--log-every",
+        "1",
+        "--objective",
+        objective,
+        "--aug-crop-scale",
+        "0.8",
+        "--aug-color",
+        "0.2",
+        "--aug-word-drop",
+        "0.1",
+    ]
     single, double = tmp_path / "single", tmp_path / "double"
     run_cli(*common, "--out", str(single))
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-         "-m", "xmodal", *common, "--out", str(double)],
-        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "xmodal",
+            *common,
+            "--out",
+            str(double),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, b = losses(single), losses(double)
@@ -103,9 +167,21 @@ def test_cached_feature_accumulation_equals_the_full_batch(tiny_manifest, tmp_pa
     """GradCache: 4 micro-batches of 2 give the same losses and weights as one batch of 8."""
     runs = {}
     for accum in (1, 4):
-        cfg = TrainConfig(data=str(tiny_manifest), out=str(tmp_path / f"a{accum}"), model="xm-micro", steps=4,
-                          batch_size=8, accum_steps=accum, precision="fp32", progress=False, log_every=1,
-                          objective=objective, lr=1e-3, warmup=1, aug_crop_scale=0.8)
+        cfg = TrainConfig(
+            data=str(tiny_manifest),
+            out=str(tmp_path / f"a{accum}"),
+            model="xm-micro",
+            steps=4,
+            batch_size=8,
+            accum_steps=accum,
+            precision="fp32",
+            progress=False,
+            log_every=1,
+            objective=objective,
+            lr=1e-3,
+            warmup=1,
+            aug_crop_scale=0.8,
+        )
         runs[accum] = Trainer(cfg).fit()
     a, b = losses(runs[1]), losses(runs[4])
     for step in a:
@@ -115,12 +191,28 @@ def test_cached_feature_accumulation_equals_the_full_batch(tiny_manifest, tmp_pa
 
 def test_yaml_config_flags_win_and_run_dir_contents(tiny_manifest, tmp_path):
     conf = tmp_path / "c.yaml"
-    conf.write_text(yaml.safe_dump({"batch_size": 4, "steps": 3, "lr": 0.01, "model": "xm-micro", "precision": "fp32"}))
+    conf.write_text(
+        yaml.safe_dump({"batch_size": 4, "steps": 3, "lr": 0.01, "model": "xm-micro", "precision": "fp32"})
+    )
     out = tmp_path / "run"
-    run_cli("train", "--config", str(conf), "--data", str(tiny_manifest), "--out", str(out), "--lr", "0.002",
-            "--no-progress", "--log-every", "1")
+    run_cli(
+        "train",
+        "--config",
+        str(conf),
+        "--data",
+        str(tiny_manifest),
+        "--out",
+        str(out),
+        "--lr",
+        "0.002",
+        "--no-progress",
+        "--log-every",
+        "1",
+    )
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["train"]["lr"] == 0.002 and saved["train"]["batch_size"] == 4 and saved["train"]["steps"] == 3
+    assert (
+        saved["train"]["lr"] == 0.002 and saved["train"]["batch_size"] == 4 and saved["train"]["steps"] == 3
+    )
     assert saved["model_config"]["embed_dim"] == 32
     assert (out / "checkpoints" / "latest.pt").is_file() and (out / "checkpoints" / "step_3.pt").is_file()
     assert (out / "loss.png").stat().st_size > 1000
@@ -132,8 +224,19 @@ def test_locked_text_tower_stays_frozen_with_a_hf_tower(tiny_manifest, tmp_path)
     from xmodal.models import minilm_path
 
     out = tmp_path / "lit"
-    cfg = TrainConfig(data=str(tiny_manifest), out=str(out), model="xm-micro", hf_text=str(minilm_path()),
-                      lock_text=True, steps=2, batch_size=4, precision="fp32", progress=False, lr=1e-3, warmup=1)
+    cfg = TrainConfig(
+        data=str(tiny_manifest),
+        out=str(out),
+        model="xm-micro",
+        hf_text=str(minilm_path()),
+        lock_text=True,
+        steps=2,
+        batch_size=4,
+        precision="fp32",
+        progress=False,
+        lr=1e-3,
+        warmup=1,
+    )
     trainer = Trainer(cfg)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()

@@ -32,9 +32,20 @@ def demo(
     console.print(f"[bold]1/4[/] shapes data → {root / 'data'}")
     splits = make_shapes(root / "data", n_train=n_train, n_val=500, n_test=1000, image_size=64, seed=seed)
     cfg = TrainConfig(
-        data=str(splits["train"]), val=str(splits["val"]), out=str(root / "run"), model=model, steps=steps,
-        batch_size=128, lr=1e-3, warmup=min(100, steps // 10), weight_decay=0.1, eval_every=max(1, steps // 4),
-        save_every=max(1, steps // 4), log_every=10, seed=seed, progress=progress,
+        data=str(splits["train"]),
+        val=str(splits["val"]),
+        out=str(root / "run"),
+        model=model,
+        steps=steps,
+        batch_size=128,
+        lr=1e-3,
+        warmup=min(100, steps // 10),
+        weight_decay=0.1,
+        eval_every=max(1, steps // 4),
+        save_every=max(1, steps // 4),
+        log_every=10,
+        seed=seed,
+        progress=progress,
     )
     console.print(f"[bold]2/4[/] training {model} for {steps} steps → {cfg.out}")
     trainer = Trainer(cfg, resume=True)  # re-running the demo continues or reuses the finished run
@@ -53,8 +64,15 @@ def demo(
     console.print(f"chance R@1 ≈ {100 / len(test):.1f}% · run: {run} · curve: {run / 'loss.png'}")
     index_dir = root / "index"
     console.print(f"[bold]4/4[/] search index of the test images → {index_dir}")
-    build_index(trainer.encoder, test, index_dir, kind="flat", model_source=str(run), caption_gallery=True,
-                progress=progress)
+    build_index(
+        trainer.encoder,
+        test,
+        index_dir,
+        kind="flat",
+        model_source=str(run),
+        caption_gallery=True,
+        progress=progress,
+    )
     console.print(f'try: xmodal search {index_dir} "a small red circle left of a large blue square"')
     if serve:
         from xmodal.serve import run_server

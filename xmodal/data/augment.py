@@ -26,8 +26,9 @@ class AugmentConfig:
         return self.crop_scale < 1.0 or self.flip > 0 or self.color > 0
 
 
-def augment_images(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, offset: int = 0,
-                   total: int | None = None) -> torch.Tensor:
+def augment_images(
+    x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, offset: int = 0, total: int | None = None
+) -> torch.Tensor:
     """float pixels in [0,1], N×3×H×W → augmented float pixels in [0,1] (same shape).
 
     Random parameters are drawn for `total` samples and rows offset..offset+N are used, so a slice of a
@@ -62,7 +63,7 @@ def augment_images(x: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator, of
         x = x * factors()  # brightness
         mean = x.mean(dim=(1, 2, 3), keepdim=True)
         x = (x - mean) * factors() + mean  # contrast
-        gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+        gray = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
         x = (x - gray) * factors() + gray  # saturation
         x = x.clamp(0, 1)
     return x

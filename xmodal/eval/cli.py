@@ -87,11 +87,15 @@ def register(app: typer.Typer) -> None:
         seed: Annotated[int, typer.Option("--seed")] = 0,
         hubness_norm: Annotated[
             str | None,
-            typer.Option("--hubness-norm", help="also report retrieval corrected by qbnorm, qbnorm-dynamic, "
-                         "dbnorm, dbnorm-dynamic, invgc or localadj"),
+            typer.Option(
+                "--hubness-norm",
+                help="also report retrieval corrected by qbnorm, qbnorm-dynamic, "
+                "dbnorm, dbnorm-dynamic, invgc or localadj",
+            ),
         ] = None,
         hubness_bank: Annotated[
-            str | None, typer.Option("--hubness-bank", help="manifest for the correction's banks (e.g. train)")
+            str | None,
+            typer.Option("--hubness-bank", help="manifest for the correction's banks (e.g. train)"),
         ] = None,
         hubness_beta: Annotated[float, typer.Option("--hubness-beta", help="inverse temperature")] = 20.0,
         pgd_eps: Annotated[str, typer.Option("--pgd-eps", help="L∞ radius in [0,1] pixel units")] = "4/255",

@@ -87,7 +87,9 @@ def _is_custom_text(cfg: dict[str, Any]) -> bool:
     return bool(cfg.get("custom_text")) or "hf_model_name" in cfg.get("text_cfg", {})
 
 
-def build_model(spec: ModelSpec, cfg: dict[str, Any] | None = None, load_hf_weights: bool = True) -> torch.nn.Module:
+def build_model(
+    spec: ModelSpec, cfg: dict[str, Any] | None = None, load_hf_weights: bool = True
+) -> torch.nn.Module:
     """Instantiate the model for `spec` (fp32, CPU), load local weights, apply tower locks."""
     cfg = copy.deepcopy(cfg if cfg is not None else resolve_model_config(spec))
     custom = _is_custom_text(cfg)
@@ -106,7 +108,9 @@ def build_model(spec: ModelSpec, cfg: dict[str, Any] | None = None, load_hf_weig
             open_clip.load_checkpoint(model, spec.pretrained, strict=True, weights_only=False)
         except (RuntimeError, KeyError, OSError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--pretrained {spec.pretrained}: does not fit --model {spec.name} ({first})") from e
+            raise UserError(
+                f"--pretrained {spec.pretrained}: does not fit --model {spec.name} ({first})"
+            ) from e
     _lock(model, spec)
     return model
 

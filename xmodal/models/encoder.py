@@ -132,8 +132,9 @@ def load_encoder(
         weights = src / "open_clip_model.pt"
         if not weights.is_file():
             raise UserError(f"{src}: export has model.json but no open_clip_model.pt")
-        model = build_model(ModelSpec(name=str(src / "model.json"), pretrained=str(weights)), model_cfg,
-                            load_hf_weights=False)
+        model = build_model(
+            ModelSpec(name=str(src / "model.json"), pretrained=str(weights)), model_cfg, load_hf_weights=False
+        )
         name = src.name
     elif src.is_dir():
         raise UserError(f"{src}: not an xmodal run (config.yaml) nor an open_clip export (model.json)")

@@ -22,16 +22,25 @@ def export_open_clip(run: str | Path, out_dir: str | Path, checkpoint: str | Non
         raise UserError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = dict(enc.model_cfg)
-    preprocess = {"size": enc.image_size, "mean": enc.mean.flatten().tolist(), "std": enc.std.flatten().tolist(),
-                  "interpolation": "bicubic", "resize_mode": "shortest"}
+    preprocess = {
+        "size": enc.image_size,
+        "mean": enc.mean.flatten().tolist(),
+        "std": enc.std.flatten().tolist(),
+        "interpolation": "bicubic",
+        "resize_mode": "shortest",
+    }
     _write_atomic(out / "open_clip_model.pt", lambda f: torch.save(enc.model.state_dict(), f))
     from safetensors.torch import save as st_save
 
     tensors = {k: v.detach().contiguous().clone() for k, v in enc.model.state_dict().items()}
     _write_atomic(out / "open_clip_model.safetensors", lambda f: f.write(st_save(tensors)))
     _write_atomic(out / "model.json", lambda f: f.write(json.dumps(model_cfg, indent=2).encode()))
-    _write_atomic(out / "open_clip_config.json",
-                  lambda f: f.write(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2).encode()))
+    _write_atomic(
+        out / "open_clip_config.json",
+        lambda f: f.write(
+            json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2).encode()
+        ),
+    )
     return out
 
 

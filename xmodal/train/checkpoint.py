@@ -40,7 +40,11 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int 
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in ckpt_dir.glob("step_*.pt") if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))]
+    found = [
+        (int(m.group(1)), p)
+        for p in ckpt_dir.glob("step_*.pt")
+        if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))
+    ]
     return [p for _, p in sorted(found)]
 
 

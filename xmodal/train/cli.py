@@ -1,7 +1,6 @@
 """`xmodal train` and `xmodal export`."""
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -9,43 +8,53 @@ from xmodal.errors import UserError
 
 
 def train(
-    data: Optional[str] = typer.Option(None, help="Training manifest (JSONL/CSV/TSV), image folder or .tar shards."),
-    out: Optional[str] = typer.Option(None, help="Run directory (checkpoints, metrics, config)."),
-    config: Optional[str] = typer.Option(None, help="YAML file of options; flags given here win."),
+    data: str | None = typer.Option(
+        None, help="Training manifest (JSONL/CSV/TSV), image folder or .tar shards."
+    ),
+    out: str | None = typer.Option(None, help="Run directory (checkpoints, metrics, config)."),
+    config: str | None = typer.Option(None, help="YAML file of options; flags given here win."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/latest.pt."),
-    val: Optional[str] = typer.Option(None, help="Validation manifest, evaluated every --eval-every steps."),
-    model: Optional[str] = typer.Option(None, help="open_clip config name (e.g. xm-tiny, ViT-B-32) or JSON file."),
-    pretrained: Optional[str] = typer.Option(None, help="Local checkpoint to start from."),
-    hf_text: Optional[str] = typer.Option(None, help="Local Hugging Face model dir used as the text tower."),
-    lock_image: Optional[bool] = typer.Option(None, "--lock-image/--no-lock-image", help="Freeze the image tower (LiT)."),
-    lock_text: Optional[bool] = typer.Option(None, "--lock-text/--no-lock-text", help="Freeze the text tower."),
-    objective: Optional[str] = typer.Option(None, help="clip (InfoNCE) or siglip (sigmoid)."),
-    batch_size: Optional[int] = typer.Option(None, help="Global batch = the negatives each sample sees."),
-    accum_steps: Optional[int] = typer.Option(None, help="Micro-batches per step (cached features, full negatives)."),
-    steps: Optional[int] = typer.Option(None, help="Optimiser steps (overrides --epochs)."),
-    epochs: Optional[float] = typer.Option(None),
-    lr: Optional[float] = typer.Option(None),
-    min_lr: Optional[float] = typer.Option(None),
-    warmup: Optional[int] = typer.Option(None, help="Linear warm-up steps before the cosine decay."),
-    weight_decay: Optional[float] = typer.Option(None),
-    grad_clip: Optional[float] = typer.Option(None, help="Max gradient norm (0 = off)."),
-    precision: Optional[str] = typer.Option(None, help="auto | fp32 | bf16 | fp16 (CUDA only)."),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the towers."),
-    seed: Optional[int] = typer.Option(None),
-    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda"),
-    aug_crop_scale: Optional[float] = typer.Option(None, help="Random resized crop, min area fraction (1 = off)."),
-    aug_flip: Optional[float] = typer.Option(None, help="Horizontal flip probability."),
-    aug_color: Optional[float] = typer.Option(None, help="Colour jitter strength."),
-    aug_word_drop: Optional[float] = typer.Option(None, help="Caption word-dropout probability."),
-    image_key: Optional[str] = typer.Option(None, help="CSV/TSV image column (default filepath)."),
-    caption_key: Optional[str] = typer.Option(None, help="CSV/TSV caption column (default title)."),
-    label_key: Optional[str] = typer.Option(None),
-    cache_dir: Optional[str] = typer.Option(None, help="Preprocessed image cache (default ~/.cache/xmodal)."),
-    log_every: Optional[int] = typer.Option(None),
-    save_every: Optional[int] = typer.Option(None, help="Checkpoint every N steps (and at the end)."),
-    keep_checkpoints: Optional[int] = typer.Option(None),
-    eval_every: Optional[int] = typer.Option(None, help="Validate every N steps (needs --val)."),
-    progress: Optional[bool] = typer.Option(None, "--progress/--no-progress"),
+    val: str | None = typer.Option(None, help="Validation manifest, evaluated every --eval-every steps."),
+    model: str | None = typer.Option(
+        None, help="open_clip config name (e.g. xm-tiny, ViT-B-32) or JSON file."
+    ),
+    pretrained: str | None = typer.Option(None, help="Local checkpoint to start from."),
+    hf_text: str | None = typer.Option(None, help="Local Hugging Face model dir used as the text tower."),
+    lock_image: bool | None = typer.Option(
+        None, "--lock-image/--no-lock-image", help="Freeze the image tower (LiT)."
+    ),
+    lock_text: bool | None = typer.Option(None, "--lock-text/--no-lock-text", help="Freeze the text tower."),
+    objective: str | None = typer.Option(None, help="clip (InfoNCE) or siglip (sigmoid)."),
+    batch_size: int | None = typer.Option(None, help="Global batch = the negatives each sample sees."),
+    accum_steps: int | None = typer.Option(
+        None, help="Micro-batches per step (cached features, full negatives)."
+    ),
+    steps: int | None = typer.Option(None, help="Optimiser steps (overrides --epochs)."),
+    epochs: float | None = typer.Option(None),
+    lr: float | None = typer.Option(None),
+    min_lr: float | None = typer.Option(None),
+    warmup: int | None = typer.Option(None, help="Linear warm-up steps before the cosine decay."),
+    weight_decay: float | None = typer.Option(None),
+    grad_clip: float | None = typer.Option(None, help="Max gradient norm (0 = off)."),
+    precision: str | None = typer.Option(None, help="auto | fp32 | bf16 | fp16 (CUDA only)."),
+    compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the towers."),
+    seed: int | None = typer.Option(None),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda"),
+    aug_crop_scale: float | None = typer.Option(
+        None, help="Random resized crop, min area fraction (1 = off)."
+    ),
+    aug_flip: float | None = typer.Option(None, help="Horizontal flip probability."),
+    aug_color: float | None = typer.Option(None, help="Colour jitter strength."),
+    aug_word_drop: float | None = typer.Option(None, help="Caption word-dropout probability."),
+    image_key: str | None = typer.Option(None, help="CSV/TSV image column (default filepath)."),
+    caption_key: str | None = typer.Option(None, help="CSV/TSV caption column (default title)."),
+    label_key: str | None = typer.Option(None),
+    cache_dir: str | None = typer.Option(None, help="Preprocessed image cache (default ~/.cache/xmodal)."),
+    log_every: int | None = typer.Option(None),
+    save_every: int | None = typer.Option(None, help="Checkpoint every N steps (and at the end)."),
+    keep_checkpoints: int | None = typer.Option(None),
+    eval_every: int | None = typer.Option(None, help="Validate every N steps (needs --val)."),
+    progress: bool | None = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
     """Train an image-text embedding model."""
     overrides = {k: v for k, v in locals().items() if k not in ("config", "resume")}
@@ -65,7 +74,7 @@ def export(
     run: str = typer.Argument(..., help="xmodal run directory."),
     out_dir: str = typer.Argument(..., help="Folder to write."),
     format: str = typer.Option("open_clip", "--format", help="Export format (open_clip)."),
-    checkpoint: Optional[str] = typer.Option(None, help="A specific checkpoint file (default latest.pt)."),
+    checkpoint: str | None = typer.Option(None, help="A specific checkpoint file (default latest.pt)."),
 ) -> None:
     """Export a run for other tools: open_clip's model.json + open_clip_model.pt."""
     from xmodal.models.export import export_open_clip
@@ -73,8 +82,10 @@ def export(
     if format != "open_clip":
         raise UserError(f"--format {format}: only open_clip is supported")
     out = export_open_clip(run, out_dir, checkpoint)
-    typer.echo(f"exported to {out} (open_clip.add_model_config('{out}/model.json'), then "
-               f"create_model_and_transforms('model', pretrained='{out}/open_clip_model.pt'))")
+    typer.echo(
+        f"exported to {out} (open_clip.add_model_config('{out}/model.json'), then "
+        f"create_model_and_transforms('model', pretrained='{out}/open_clip_model.pt'))"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -113,7 +113,9 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--aug-crop-scale must be in (0, 1]")
 
 
-def save_config(cfg: TrainConfig, model_spec: dict[str, Any], model_config: dict[str, Any], path: Path) -> None:
+def save_config(
+    cfg: TrainConfig, model_spec: dict[str, Any], model_config: dict[str, Any], path: Path
+) -> None:
     """config.yaml = train options + the model spec + the exact open_clip model config."""
     doc = {"train": cfg.to_dict(), "model": model_spec, "model_config": model_config}
     tmp = path.with_suffix(".yaml.tmp")

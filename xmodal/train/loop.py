@@ -48,13 +48,19 @@ class Batcher:
         self.n = len(data)
         self.global_batch = cfg.batch_size
         if self.global_batch % dist.world_size:
-            raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
+            raise UserError(
+                f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes"
+            )
         self.local_batch = self.global_batch // dist.world_size
         if self.local_batch % cfg.accum_steps:
-            raise UserError(f"--accum-steps {cfg.accum_steps} must divide the per-process batch {self.local_batch}")
+            raise UserError(
+                f"--accum-steps {cfg.accum_steps} must divide the per-process batch {self.local_batch}"
+            )
         self.steps_per_epoch = self.n // self.global_batch
         if self.steps_per_epoch == 0:
-            raise UserError(f"--data {cfg.data}: {self.n} usable samples, fewer than --batch-size {cfg.batch_size}")
+            raise UserError(
+                f"--data {cfg.data}: {self.n} usable samples, fewer than --batch-size {cfg.batch_size}"
+            )
         self.flat_captions = [c for caps in data.captions for c in caps]
         counts = torch.tensor([len(c) for c in data.captions])
         self.cap_count = counts
@@ -74,7 +80,9 @@ class Batcher:
         the whole global batch (or per global position), so ranks see exactly their slice of it."""
         epoch, j = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
-            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(_seed(self.cfg.seed, epoch)))
+            self._perm = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(_seed(self.cfg.seed, epoch))
+            )
             self._perm_epoch = epoch
         idx = self._perm[j * self.global_batch : (j + 1) * self.global_batch]
         gen = torch.Generator().manual_seed(_seed(self.cfg.seed, step, 7))
@@ -86,8 +94,11 @@ class Batcher:
             tokens = self.tokens[cap_idx]
         else:
             texts = [
-                drop_words(self.flat_captions[c], self.cfg.aug_word_drop,
-                           torch.Generator().manual_seed(_seed(self.cfg.seed, step, start + i, 13)))
+                drop_words(
+                    self.flat_captions[c],
+                    self.cfg.aug_word_drop,
+                    torch.Generator().manual_seed(_seed(self.cfg.seed, step, start + i, 13)),
+                )
                 for i, c in enumerate(cap_idx.tolist())
             ]
             tokens = self.tokenizer(texts)
@@ -140,7 +151,11 @@ class MetricsLog:
     def __init__(self, run_dir: Path, resume_step: int | None) -> None:
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():  # drop lines logged after the checkpoint
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            kept = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln and json.loads(ln).get("step", 0) <= resume_step
+            ]
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text("".join(ln + "\n" for ln in kept))
             tmp.replace(self.path)
@@ -191,8 +206,11 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.spec = ModelSpec(
-            name=cfg.model, pretrained=cfg.pretrained, hf_text=cfg.hf_text,
-            lock_image=cfg.lock_image, lock_text=cfg.lock_text,
+            name=cfg.model,
+            pretrained=cfg.pretrained,
+            hf_text=cfg.hf_text,
+            lock_image=cfg.lock_image,
+            lock_text=cfg.lock_text,
         )
         self.model_cfg = resolve_model_config(self.spec)
         if cfg.objective == "siglip":
@@ -204,7 +222,9 @@ class Trainer:
             self.model.load_state_dict(self.resume_state["model"])
         D.broadcast_params(self.model)
         self.tokenizer = build_tokenizer(self.model_cfg)
-        self.encoder = Encoder(self.model, self.tokenizer, self.model_cfg, self.device, name=self.run_dir.name)
+        self.encoder = Encoder(
+            self.model, self.tokenizer, self.model_cfg, self.device, name=self.run_dir.name
+        )
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.encoder.autocast_dtype = self.autocast_dtype
         self.aug = AugmentConfig(cfg.aug_crop_scale, cfg.aug_flip, cfg.aug_color, cfg.aug_word_drop)
@@ -219,19 +239,30 @@ class Trainer:
     # -- data --------------------------------------------------------------------------------
     def _load(self, source: str) -> ImageTextData:
         return load_dataset(
-            source, self.encoder.image_size, cache_dir=self.cfg.cache_dir, image_key=self.cfg.image_key,
-            caption_key=self.cfg.caption_key, label_key=self.cfg.label_key, progress=self.dist.is_main,
+            source,
+            self.encoder.image_size,
+            cache_dir=self.cfg.cache_dir,
+            image_key=self.cfg.image_key,
+            caption_key=self.cfg.caption_key,
+            label_key=self.cfg.label_key,
+            progress=self.dist.is_main,
         )
 
     # -- one step ----------------------------------------------------------------------------
     def _forward_features(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = (torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype
-               else contextlib.nullcontext())
+        ctx = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype
+            else contextlib.nullcontext()
+        )
         with ctx:
             img = self.model.encode_image(self.encoder.normalize_pixels(x), normalize=True)
             # trimming padding is data-dependent, which torch.compile would trace as a graph break
-            txt = (self.model.encode_text(tokens, normalize=True) if self.cfg.compile
-                   else encode_text(self.model, tokens, normalize=True))
+            txt = (
+                self.model.encode_text(tokens, normalize=True)
+                if self.cfg.compile
+                else encode_text(self.model, tokens, normalize=True)
+            )
         return img.float(), txt.float()
 
     def _pixels(self, images: torch.Tensor, step: int, offset: int) -> torch.Tensor:
@@ -245,7 +276,9 @@ class Trainer:
 
     def _loss(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
         m = self.model
-        return contrastive_loss(self.cfg.objective, img, txt, m.logit_scale.exp(), getattr(m, "logit_bias", None))
+        return contrastive_loss(
+            self.cfg.objective, img, txt, m.logit_scale.exp(), getattr(m, "logit_bias", None)
+        )
 
     def train_step(self, step: int, images: torch.Tensor, tokens: torch.Tensor) -> float:
         tokens = tokens.to(self.device, non_blocking=True)
@@ -259,8 +292,10 @@ class Trainer:
             im_chunks, tok_chunks = images.chunk(k), tokens.chunk(k)
             micro = len(im_chunks[0])
             with torch.no_grad():
-                feats = [self._features(self._pixels(im, step, i * micro), tk) for i, (im, tk) in
-                         enumerate(zip(im_chunks, tok_chunks, strict=True))]
+                feats = [
+                    self._features(self._pixels(im, step, i * micro), tk)
+                    for i, (im, tk) in enumerate(zip(im_chunks, tok_chunks, strict=True))
+                ]
             img_all = torch.cat([f[0] for f in feats]).requires_grad_()
             txt_all = torch.cat([f[1] for f in feats]).requires_grad_()
             loss = self._loss(img_all, txt_all)
@@ -290,8 +325,16 @@ class Trainer:
             save_config(cfg, self.spec.to_dict(), self.model_cfg, self.run_dir / "config.yaml")
             log = MetricsLog(self.run_dir, start if self.resume_state else None)
             if start == 0:
-                log.write({"step": 0, "data": {"train": len(data), "skipped": data.stats.as_dict(),
-                                               "val": len(val) if val else 0}})
+                log.write(
+                    {
+                        "step": 0,
+                        "data": {
+                            "train": len(data),
+                            "skipped": data.stats.as_dict(),
+                            "val": len(val) if val else 0,
+                        },
+                    }
+                )
             if data.stats.total():
                 print(f"data: {data.stats.summary()}")
         D.barrier()
@@ -316,10 +359,17 @@ class Trainer:
                 progress.update(done, loss, cfg.batch_size)
                 if main and (done % cfg.log_every == 0 or done == total):
                     now = time.perf_counter()
-                    log.write({"step": done, "epoch": batcher.epoch_of(step), "loss": loss,
-                               "loss_avg": loss_sum / max(1, n_since // cfg.batch_size), "lr": lr,
-                               "logit_scale": float(self.model.logit_scale.detach().exp()),
-                               "samples_per_s": n_since / (now - t_last)})
+                    log.write(
+                        {
+                            "step": done,
+                            "epoch": batcher.epoch_of(step),
+                            "loss": loss,
+                            "loss_avg": loss_sum / max(1, n_since // cfg.batch_size),
+                            "lr": lr,
+                            "logit_scale": float(self.model.logit_scale.detach().exp()),
+                            "samples_per_s": n_since / (now - t_last),
+                        }
+                    )
                     t_last, n_since, loss_sum = now, 0, 0.0
                 if val is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
                     if main:
@@ -348,8 +398,13 @@ class Trainer:
 
     def save(self, step: int) -> None:
         if self.dist.is_main:
-            state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "step": step,
-                     "config": self.cfg.to_dict(), "torch": torch.__version__}
+            state = {
+                "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": step,
+                "config": self.cfg.to_dict(),
+                "torch": torch.__version__,
+            }
             save_checkpoint(state, self.ckpt_dir, step, keep=self.cfg.keep_checkpoints)
         D.barrier()
 
@@ -363,8 +418,15 @@ class _Progress:
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-                          TextColumn("{task.fields[sps]} samples/s"), TimeRemainingColumn(), transient=False)
+        self.p = Progress(
+            TextColumn("train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[sps]} samples/s"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
         self.task = self.p.add_task("train", total=total, completed=start, loss="-", sps="-")
         self.t0, self.n0 = time.perf_counter(), 0
         self.p.start()
@@ -390,8 +452,11 @@ def plot_loss_curve(metrics: Path, out: Path) -> None:
 
     rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
     pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    vals = [(r["step"], r["val"]["retrieval"]["t2i"]["R@1"]) for r in rows
-            if "val" in r and "retrieval" in r["val"]]
+    vals = [
+        (r["step"], r["val"]["retrieval"]["t2i"]["R@1"])
+        for r in rows
+        if "val" in r and "retrieval" in r["val"]
+    ]
     fig, ax = plt.subplots(figsize=(6, 3.5))
     if pts:
         ax.plot(*zip(*pts, strict=True), label="train loss")
