@@ -106,7 +106,7 @@ def build_model(
     if spec.pretrained:
         try:
             open_clip.load_checkpoint(model, spec.pretrained, strict=True, weights_only=False)
-        except (RuntimeError, KeyError, OSError) as e:
+        except (RuntimeError, KeyError, OSError, ValueError, AssertionError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(
                 f"--pretrained {spec.pretrained}: does not fit --model {spec.name} ({first})"
