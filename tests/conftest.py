@@ -67,3 +67,28 @@ def run_cli(
             f"xmodal {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
         )
     return proc
+
+
+# Headless Chromium as root on this closed network: no sandbox, no background connections.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+@pytest.fixture
+def one_thread():
+    """The test machine is small and shared: oversubscribed BLAS/OpenMP threads spin instead of working."""
+    import faiss
+    from threadpoolctl import threadpool_limits
+
+    n = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    faiss.omp_set_num_threads(n)

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "test-artifacts"
+from tests.conftest import ARTIFACTS, CHROMIUM_ARGS, REPO
+
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
 SHAPES = ("circle", "square")
 KEYS = {"retrieval", "zeroshot", "probe", "hubness", "gap", "robustness", "meta"}
@@ -153,13 +153,7 @@ def test_report_renders_in_headless_chromium(tmp_path):
     subprocess.run(
         [
             shutil.which("chromium"),
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            "--disable-background-networking",
-            "--disable-component-update",
-            "--disable-sync",
-            "--no-first-run",
+            *CHROMIUM_ARGS,
             f"--user-data-dir={tmp_path / 'chrome'}",
             f"--screenshot={shot}",
             "--window-size=1200,2000",

@@ -10,17 +10,7 @@ import pytest
 
 from xmodal.index import SearchIndex, hubness, open_index
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    import faiss
-    from threadpoolctl import threadpool_limits
-
-    n = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unit(rng, n, d):

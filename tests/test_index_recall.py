@@ -9,18 +9,7 @@ import pytest
 from xmodal.index import SearchIndex
 from xmodal.index.binary import fit_itq, fit_lsh, hamming
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """The test machine is small and shared: oversubscribed BLAS/OpenMP threads spin instead of working."""
-    import faiss
-    from threadpoolctl import threadpool_limits
-
-    n = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    faiss.omp_set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_mixture(

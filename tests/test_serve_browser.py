@@ -12,20 +12,13 @@ import pytest
 from conftest import ARTIFACTS
 from test_serve_api import KEY, make_index
 
+from tests.conftest import CHROMIUM_ARGS
 from xmodal.serve import start_in_thread
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (Python) is not installed")
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="chromium is not installed")
-ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
+ARGS = CHROMIUM_ARGS
 
 THUMBS_LOADED = """(min) => {
   const imgs = [...document.querySelectorAll('#results .result img')];
