@@ -14,12 +14,13 @@ import torch.nn.functional as F
 
 
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from all ranks in rank order; gradients flow back to every rank's slice."""
+    """Concatenate `x` from all ranks in rank order; gradients flow back to every rank's slice
+    (the backward of an all-gather is a reduce-scatter of the gradients)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
-    return torch.cat(dist_fn.all_gather(x), dim=0)
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
 
 
 def _rank() -> int:

@@ -40,6 +40,7 @@ def train(
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the towers."),
     seed: int | None = typer.Option(None),
     device: str | None = typer.Option(None, help="auto | cpu | cuda"),
+    fsdp: bool | None = typer.Option(None, "--fsdp/--no-fsdp", help="Shard the model over ranks (torchrun)."),
     aug_crop_scale: float | None = typer.Option(
         None, help="Random resized crop, min area fraction (1 = off)."
     ),
@@ -66,8 +67,13 @@ def train(
         saved.update({k: v for k, v in overrides.items() if v is not None})
         overrides = saved
     cfg = resolve_config(config, overrides)
-    run = Trainer(cfg, resume=resume).fit()
-    typer.echo(f"run: {run}")
+    trainer = Trainer(cfg, resume=resume)
+    run = trainer.fit()
+    if trainer.dist.is_main:
+        typer.echo(f"run: {run}")
+    from xmodal.train.distributed import cleanup
+
+    cleanup()
 
 
 def export(

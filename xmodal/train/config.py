@@ -41,6 +41,7 @@ class TrainConfig:
     compile: bool = False
     seed: int = 0
     device: str = "auto"
+    fsdp: bool = False  # shard parameters/gradients/optimizer state over ranks (torchrun)
     # augmentation
     aug_crop_scale: float = 1.0
     aug_flip: float = 0.0

@@ -213,6 +213,15 @@ class Trainer:
             lock_text=cfg.lock_text,
         )
         self.model_cfg = resolve_model_config(self.spec)
+        self.fsdp = cfg.fsdp
+        if self.fsdp:
+            if not self.dist.enabled:
+                raise UserError("--fsdp shards across processes: launch with torchrun --nproc_per_node N")
+            if cfg.accum_steps != 1:
+                raise UserError("--fsdp works with --accum-steps 1; use plain data parallelism for GradCache")
+            if cfg.compile:
+                raise UserError("--fsdp with --compile is not supported yet; drop one of them")
+            self.model_cfg["nonscalar_logit_scale"] = True  # fully_shard cannot shard 0-d parameters
         if cfg.objective == "siglip":
             for k, v in SIGLIP_INIT.items():
                 self.model_cfg.setdefault(k, v)
@@ -228,10 +237,21 @@ class Trainer:
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
         self.encoder.autocast_dtype = self.autocast_dtype
         self.aug = AugmentConfig(cfg.aug_crop_scale, cfg.aug_flip, cfg.aug_color, cfg.aug_word_drop)
+        self.towers = None
+        if self.fsdp:
+            from xmodal.train import fsdp
+
+            self.towers = fsdp.shard(self.model, self.device, self.dist.world_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         if self.resume_state is not None:
-            self.optimizer.load_state_dict(self.resume_state["optimizer"])
+            if bool(self.resume_state.get("fsdp")) != self.fsdp:
+                raise UserError("--resume: the checkpoint was written with a different --fsdp setting")
+            if self.fsdp:
+                fsdp.load_optimizer_state(self.towers, self.optimizer, self.resume_state["optimizer"])
+            else:
+                self.optimizer.load_state_dict(self.resume_state["optimizer"])
+        self._eval_copy: Encoder | None = None
         self._features = self._forward_features
         if cfg.compile:
             self._features = torch.compile(self._forward_features)
@@ -249,12 +269,17 @@ class Trainer:
         )
 
     # -- one step ----------------------------------------------------------------------------
-    def _forward_features(self, x: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward_features(self, x: torch.Tensor, tokens: torch.Tensor):
+        """(image features, text features, temperature, bias) for float pixels in [0, 1] and tokens."""
         ctx = (
             torch.autocast(self.device.type, dtype=self.autocast_dtype)
             if self.autocast_dtype
             else contextlib.nullcontext()
         )
+        if self.towers is not None:
+            with ctx:
+                img, txt, scale, bias = self.towers(self.encoder.normalize_pixels(x), tokens)
+            return img.float(), txt.float(), scale, bias
         with ctx:
             img = self.model.encode_image(self.encoder.normalize_pixels(x), normalize=True)
             # trimming padding is data-dependent, which torch.compile would trace as a graph break
@@ -263,7 +288,7 @@ class Trainer:
                 if self.cfg.compile
                 else encode_text(self.model, tokens, normalize=True)
             )
-        return img.float(), txt.float()
+        return img.float(), txt.float(), self.model.logit_scale.exp(), self.model.logit_bias
 
     def _pixels(self, images: torch.Tensor, step: int, offset: int) -> torch.Tensor:
         """uint8 → float [0,1] on the device, augmented; `offset` = local position in the rank's batch."""
@@ -274,19 +299,14 @@ class Trainer:
             x = augment_images(x, self.aug, gen, offset=start, total=self.cfg.batch_size)
         return x
 
-    def _loss(self, img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        return contrastive_loss(
-            self.cfg.objective, img, txt, m.logit_scale.exp(), getattr(m, "logit_bias", None)
-        )
-
-    def train_step(self, step: int, images: torch.Tensor, tokens: torch.Tensor) -> float:
+    def train_step(self, step: int, images: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:
+        """One optimiser step; returns (loss averaged over ranks, temperature)."""
         tokens = tokens.to(self.device, non_blocking=True)
         k = self.cfg.accum_steps
         self.optimizer.zero_grad(set_to_none=True)
         if k == 1:
-            img, txt = self._features(self._pixels(images, step, 0), tokens)
-            loss = self._loss(img, txt)
+            img, txt, scale, bias = self._features(self._pixels(images, step, 0), tokens)
+            loss = contrastive_loss(self.cfg.objective, img, txt, scale, bias)
             loss.backward()
         else:  # GradCache: features of every micro-batch first, loss over the whole batch, then re-forward
             im_chunks, tok_chunks = images.chunk(k), tokens.chunk(k)
@@ -298,19 +318,21 @@ class Trainer:
                 ]
             img_all = torch.cat([f[0] for f in feats]).requires_grad_()
             txt_all = torch.cat([f[1] for f in feats]).requires_grad_()
-            loss = self._loss(img_all, txt_all)
+            scale, bias = self.model.logit_scale.exp(), self.model.logit_bias
+            loss = contrastive_loss(self.cfg.objective, img_all, txt_all, scale, bias)
             loss.backward()
             g_img, g_txt = img_all.grad.chunk(k), txt_all.grad.chunk(k)
             for i, (im, tk) in enumerate(zip(im_chunks, tok_chunks, strict=True)):
-                img, txt = self._features(self._pixels(im, step, i * micro), tk)
+                img, txt, _, _ = self._features(self._pixels(im, step, i * micro), tk)
                 torch.autograd.backward([img, txt], [g_img[i], g_txt[i]])
-        D.all_reduce_mean_grads(self.params, self.dist.world_size)
+        if not self.fsdp:  # FSDP reduce-scatters (and averages) gradients itself
+            D.all_reduce_mean_grads(self.params, self.dist.world_size)
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
         self.optimizer.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
-        return D.mean_over_ranks(loss.item(), self.device)
+        return D.mean_over_ranks(loss.item(), self.device), float(scale.detach().float().reshape(-1)[0])
 
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -350,7 +372,7 @@ class Trainer:
                 lr = lr_at(step, cfg, total)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                loss = self.train_step(step, images, tokens)
+                loss, scale = self.train_step(step, images, tokens)
                 if not math.isfinite(loss):
                     raise RuntimeError(f"loss became {loss} at step {step + 1}; lower --lr or check the data")
                 done = step + 1
@@ -366,14 +388,15 @@ class Trainer:
                             "loss": loss,
                             "loss_avg": loss_sum / max(1, n_since // cfg.batch_size),
                             "lr": lr,
-                            "logit_scale": float(self.model.logit_scale.detach().exp()),
+                            "logit_scale": scale,
                             "samples_per_s": n_since / (now - t_last),
                         }
                     )
                     t_last, n_since, loss_sum = now, 0, 0.0
                 if val is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
+                    encoder = self._eval_encoder()  # collective under FSDP
                     if main:
-                        log.write({"step": done, "val": self.validate(val)})
+                        log.write({"step": done, "val": self.validate(encoder, val)})
                     D.barrier()
                 if done % cfg.save_every == 0 or done == total:
                     self.save(done)
@@ -388,19 +411,44 @@ class Trainer:
         D.barrier()
         return self.run_dir
 
-    def validate(self, val: ImageTextData) -> dict[str, Any]:
+    def _eval_encoder(self) -> Encoder | None:
+        """The encoder to validate with: the live model, or under FSDP an unsharded copy on rank 0."""
+        if not self.fsdp:
+            return self.encoder
+        from xmodal.train import fsdp
+
+        state = fsdp.full_model_state(self.towers)
+        if not self.dist.is_main:
+            return None
+        if self._eval_copy is None:
+            copy = build_model(self.spec, self.model_cfg, load_hf_weights=False).to(self.device)
+            self._eval_copy = Encoder(
+                copy, self.tokenizer, self.model_cfg, self.device, autocast_dtype=self.autocast_dtype
+            )
+        self._eval_copy.model.load_state_dict(state)
+        return self._eval_copy
+
+    def validate(self, encoder: Encoder, val: ImageTextData) -> dict[str, Any]:
         from xmodal.eval import evaluate  # the eval stage's metrics, on the live model
 
         tasks = ("retrieval", "zeroshot") if any(lab is not None for lab in val.labels) else ("retrieval",)
-        result = evaluate(self.encoder, val, tasks=tasks)
+        result = evaluate(encoder, val, tasks=tasks)
         self.model.train()
         return {k: v for k, v in result.items() if k != "meta"}
 
     def save(self, step: int) -> None:
+        if self.fsdp:  # gathering the shards is collective: every rank takes part
+            from xmodal.train import fsdp
+
+            model_state = fsdp.full_model_state(self.towers)
+            optim_state = fsdp.full_optimizer_state(self.towers, self.optimizer)
+        else:
+            model_state, optim_state = self.model.state_dict(), self.optimizer.state_dict()
         if self.dist.is_main:
             state = {
-                "model": self.model.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
+                "model": model_state,
+                "optimizer": optim_state,
+                "fsdp": self.fsdp,
                 "step": step,
                 "config": self.cfg.to_dict(),
                 "torch": torch.__version__,
