@@ -38,7 +38,7 @@ def demo_index(root: Path, n: int = 500) -> Path:
     from PIL import Image, ImageDraw
 
     from xmodal.index import build_index
-    from xmodal.index.model import load_model
+    from xmodal.models import load_encoder
 
     colors = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (230, 210, 40)}
     rng = random.Random(0)
@@ -56,7 +56,7 @@ def demo_index(root: Path, n: int = 500) -> Path:
     (root / "data" / "data.jsonl").write_text("\n".join(lines) + "\n")
     out = root / "index"
     build_index(
-        load_model("xm-micro"),
+        load_encoder("xm-micro"),
         root / "data" / "data.jsonl",
         out,
         model_source="xm-micro",

@@ -16,7 +16,7 @@ from PIL import Image
 
 from xmodal.errors import UserError
 from xmodal.index import SearchIndex, add_bank, add_to_index, build_index, delete_from_index, open_index
-from xmodal.index.model import load_model
+from xmodal.models import load_encoder
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +63,7 @@ def cli(*args: str, check: bool = True) -> Result:
 
 @pytest.fixture(scope="module")
 def encoder():
-    return load_model("xm-micro")
+    return load_encoder("xm-micro")
 
 
 @pytest.fixture(scope="module")

@@ -117,7 +117,7 @@ def emoji_embeddings(tmp_path_factory):
     """A few hundred rendered emoji embedded by a (seeded random) xm-micro: real image embeddings."""
     from xmodal.data import load_dataset, make_emoji
     from xmodal.errors import UserError
-    from xmodal.index.model import load_model
+    from xmodal.models import load_encoder
 
     root = tmp_path_factory.mktemp("emoji")
     try:
@@ -125,7 +125,7 @@ def emoji_embeddings(tmp_path_factory):
     except UserError as e:  # no emoji font on this machine
         pytest.skip(str(e))
     ds = load_dataset(paths["train"], 32, use_cache=False, progress=False)
-    return load_model("xm-micro").encode_images(ds.images).numpy()
+    return load_encoder("xm-micro").encode_images(ds.images).numpy()
 
 
 @pytest.mark.parametrize("kind", ["flat", "hnsw", "ivfpq", "binary"])

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from xmodal.index import add_bank, build_index, open_index
-from xmodal.index.model import load_model
+from xmodal.models import load_encoder
 from xmodal.serve import create_app, start_in_thread
 
 KEY = "s3cret-key"
@@ -23,7 +23,7 @@ KEY = "s3cret-key"
 
 def make_index(root, n=40, banks=True):
     """A small index (real images, caption gallery, text+image banks) and its encoder."""
-    enc = load_model("xm-micro")
+    enc = load_encoder("xm-micro")
     manifest = write_tiny_manifest(root / "data", n=n)
     out = root / "idx"
     build_index(

@@ -51,13 +51,14 @@ def build_cmd(
     """Embed a collection and write an index directory (resumable: a rerun reuses finished chunks)."""
     from xmodal.data.records import source_kind
     from xmodal.index.build import _check_kind, build_index
-    from xmodal.index.model import has_weights, load_model
+    from xmodal.index.model import has_weights
+    from xmodal.models import load_encoder
 
     _check_kind(kind, bits, binary_method, rerank)
     source_kind(data)  # fail on a missing/unknown --data before the (slow) model load
     if not has_weights(model, pretrained):
         print(f"note: {model} has no weights (no --pretrained); using a seeded random init", file=sys.stderr)
-    enc = load_model(model, pretrained, device)
+    enc = load_encoder(model, pretrained, device)
     build_index(
         enc,
         data,
@@ -168,9 +169,9 @@ def search_cmd(
         raise UserError(f"--k {k}: must be between 1 and 10000")
     idx = open_index(index)
     if model:
-        from xmodal.index.model import load_model
+        from xmodal.models import load_encoder
 
-        idx.encoder = load_model(model, pretrained)
+        idx.encoder = load_encoder(model, pretrained)
     if query is not None:
         if captions:
             raise UserError("--captions searches captions by an image: use it with --image")

@@ -1,8 +1,7 @@
-"""Loading the embedding model an index records, reproducibly.
+"""What an index records about its embedding model, so that the model can be found again.
 
-A bare config name (e.g. `xm-micro`) without weights builds a randomly initialised model; we seed that
-initialisation so the same name always gives the same model — an index built that way (tests, demos) can
-then still be searched by text later. Real use passes a run dir, an export dir, or --pretrained weights.
+A bare config name (e.g. `xm-micro`) without weights is a seeded random init in `load_encoder`, so an index
+built that way (tests, demos) can still be searched by text later.
 """
 
 from __future__ import annotations
@@ -10,24 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
-RANDOM_INIT_SEED = 0
-
 
 def has_weights(source: str | Path, pretrained: str | None) -> bool:
     return bool(pretrained) or Path(source).is_dir()
-
-
-def load_model(source: str | Path, pretrained: str | None = None, device: str | None = None) -> Any:
-    """`xmodal.models.load_encoder`, with a fixed seed when the model would be randomly initialised."""
-    from xmodal.models import load_encoder
-
-    if has_weights(source, pretrained):
-        return load_encoder(source, pretrained=pretrained, device=device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_INIT_SEED)
-        return load_encoder(source, pretrained=None, device=device)
 
 
 def describe_source(source: str | Path, pretrained: str | None) -> dict[str, Any]:

@@ -426,7 +426,7 @@ class SearchIndex:
         if self._encoder is None:
             with self._encoder_lock:
                 if self._encoder is None:
-                    from xmodal.index.model import load_model
+                    from xmodal.models import load_encoder
 
                     m = self.info.get("model") or {}
                     if not m.get("source"):
@@ -434,7 +434,7 @@ class SearchIndex:
                             f"{self.path}: index.json records no model; pass --model to search by "
                             "text or image"
                         )
-                    self._encoder = load_model(m["source"], m.get("pretrained"))
+                    self._encoder = load_encoder(m["source"], m.get("pretrained"))
                     if self._encoder.dim != self.dim:
                         raise UserError(
                             f"{self.path}: model {m['source']} gives {self._encoder.dim}-d vectors "

@@ -21,6 +21,8 @@ from xmodal.errors import UserError
 from xmodal.models.build import ModelSpec, build_model, build_tokenizer, resolve_model_config
 from xmodal.models.text import encode_text
 
+RANDOM_INIT_SEED = 0
+
 
 def pick_device(device: str | None = None) -> torch.device:
     if device in (None, "auto"):
@@ -141,7 +143,11 @@ def load_encoder(
     else:
         spec = ModelSpec(name=str(source), pretrained=pretrained)
         model_cfg = resolve_model_config(spec)
-        model = build_model(spec, model_cfg)
+        # Without weights the model is a random init: seed it, so that one config name always means one
+        # model (an index built from it in a test or demo can be searched by text later).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = build_model(spec, model_cfg)
         name = src.stem
     model.to(dev).eval()
     return Encoder(model, build_tokenizer(model_cfg), model_cfg, device=dev, name=name)

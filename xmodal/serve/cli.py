@@ -35,9 +35,9 @@ def serve_cmd(
     open_index(index)  # a clear error for a bad path before uvicorn starts
     encoder = None
     if model:
-        from xmodal.index.model import load_model
+        from xmodal.models import load_encoder
 
-        encoder = load_model(model, pretrained)
+        encoder = load_encoder(model, pretrained)
     run(
         index,
         host=host,
