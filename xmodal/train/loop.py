@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from xmodal.data import ImageTextData, load_dataset
 from xmodal.data.augment import AugmentConfig, augment_images, drop_words
@@ -271,17 +272,18 @@ class Trainer:
     # -- one step ----------------------------------------------------------------------------
     def _forward_features(self, x: torch.Tensor, tokens: torch.Tensor):
         """(image features, text features, temperature, bias) for float pixels in [0, 1] and tokens."""
-        ctx = (
-            torch.autocast(self.device.type, dtype=self.autocast_dtype)
-            if self.autocast_dtype
-            else contextlib.nullcontext()
-        )
-        if self.towers is not None:
-            with ctx:
-                img, txt, scale, bias = self.towers(self.encoder.normalize_pixels(x), tokens)
-            return img.float(), txt.float(), scale, bias
-        with ctx:
-            img = self.model.encode_image(self.encoder.normalize_pixels(x), normalize=True)
+        with contextlib.ExitStack() as stack:
+            if self.autocast_dtype:
+                stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+            if self.device.type == "cpu":
+                # On CPUs the fused flash-attention kernel's backward is slow for short sequences: the
+                # plain math kernel trains ~1.5× faster here (benchmarks/train_vs_open_clip.py profile).
+                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+            pixels = self.encoder.normalize_pixels(x)
+            if self.towers is not None:
+                img, txt, scale, bias = self.towers(pixels, tokens)
+                return img.float(), txt.float(), scale, bias
+            img = self.model.encode_image(pixels, normalize=True)
             # trimming padding is data-dependent, which torch.compile would trace as a graph break
             txt = (
                 self.model.encode_text(tokens, normalize=True)
