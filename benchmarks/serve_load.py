@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--requests", type=int, default=10, help="requests per client")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     args = ap.parse_args(argv)
+    started = time.time()
     if args.url:
         result = run_load(
             args.url, clients=args.clients, requests_per_client=args.requests, api_key=args.api_key, k=args.k
@@ -121,8 +123,32 @@ def main(argv: list[str] | None = None) -> dict:
             finally:
                 proc.terminate()
                 proc.wait(timeout=30)
-    print(format_report(result))
     print(json.dumps({k: v for k, v in result.items() if k != "error_samples"}))
+    if not args.no_write:
+        import _common as C
+
+        body = (
+            f"{args.clients} concurrent loopback clients × {args.requests} `GET /search` requests (k = {args.k}) "
+            f"against `xmodal serve` in its own process"
+            f"{'' if args.index or args.url else ' (a 500-item xm-micro index)'}.\n\n"
+            + C.table(
+                ["requests", "errors", "wall s", "QPS", "p50 ms", "p95 ms", "mean ms"],
+                [
+                    [
+                        result["requests"],
+                        result["errors"],
+                        result["wall_s"],
+                        result["qps"],
+                        result["p50_ms"],
+                        result["p95_ms"],
+                        result["mean_ms"],
+                    ]
+                ],
+            )
+        )
+        C.record("serve_load", "Search server under load", body, C.machine_line(), started=started)
+    else:
+        print(format_report(result))
     return result
 
 
