@@ -279,7 +279,7 @@ class Background:
 class RunResult:
     returncode: int
     wall_s: float
-    peak_rss_mib: float  # max RSS of the largest single process (kernel's ru_maxrss via wait4)
+    peak_rss_mib: float  # the child's own RSS high-water mark (VmHWM of its exec'd image, polled)
     peak_tree_pss_mib: float  # max over time of the summed PSS of the process and its children (polled)
     peak_tree_rss_mib: float  # same with RSS (double-counts pages shared by forked workers)
     cpu_s: float = 0.0  # user+system CPU seconds of the child and its waited-for children
@@ -292,7 +292,8 @@ def run_measured(cmd: Sequence[str], log: Path, env: dict | None = None, cwd: Pa
                  poll_s: float = 0.5, timeout: float | None = None) -> RunResult:
     """Run cmd as a child process, stdout+stderr to `log`; measure wall time and peak memory."""
     log.parent.mkdir(parents=True, exist_ok=True)
-    peak = {"pss": 0, "rss": 0}
+    peak = {"pss": 0, "rss": 0, "hwm": 0}
+    own_cmdline = Path("/proc/self/cmdline").read_bytes()
     t0, busy0 = time.perf_counter(), cpu_busy_s()
     with open(log, "w") as fh:
         proc = subprocess.Popen(list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd)
@@ -305,6 +306,15 @@ def run_measured(cmd: Sequence[str], log: Path, env: dict | None = None, cwd: Pa
                     pss += _kb(f"/proc/{p}/smaps_rollup", "Pss:")
                     rss += _kb(f"/proc/{p}/status", "VmRSS:")
                 peak["pss"], peak["rss"] = max(peak["pss"], pss), max(peak["rss"], rss)
+                # VmHWM, not wait4's ru_maxrss: Linux carries the parent's RSS at fork into the child's
+                # ru_maxrss, so a big parent would inflate every child's figure
+                # (and not before the exec: the forked copy still has this process's command line)
+                try:
+                    exec_done = Path(f"/proc/{proc.pid}/cmdline").read_bytes() != own_cmdline
+                except OSError:
+                    exec_done = False
+                if exec_done:
+                    peak["hwm"] = max(peak["hwm"], _kb(f"/proc/{proc.pid}/status", "VmHWM:"))
                 done.wait(poll_s)
 
         th = threading.Thread(target=poll, daemon=True)
@@ -318,7 +328,7 @@ def run_measured(cmd: Sequence[str], log: Path, env: dict | None = None, cwd: Pa
     wall = time.perf_counter() - t0
     cpu = ru.ru_utime + ru.ru_stime
     other = max(0.0, cpu_busy_s() - busy0 - cpu) / (wall * (os.cpu_count() or 1))
-    return RunResult(proc.returncode, wall, ru.ru_maxrss / 1024, peak["pss"] / 1024, peak["rss"] / 1024,
+    return RunResult(proc.returncode, wall, peak["hwm"] / 1024, peak["pss"] / 1024, peak["rss"] / 1024,
                      cpu, other, log.read_text(errors="replace"))
 
 
@@ -371,14 +381,20 @@ def ensure_model(work: Path, data_dir: Path, steps: int = 300, model: str = "xm-
     if (run / "checkpoints" / "latest.pt").is_file():
         return run
     print(f"training {model} on {data_dir.name} for {steps} steps → {run} (once; reused afterwards) …", flush=True)
-    shutil.rmtree(run, ignore_errors=True)
-    cmd = [sys.executable, "-m", "xmodal", "train", "--data", str(data_dir / "train.jsonl"), "--out", str(run),
+    tmp = run.with_name(f".{run.name}.tmp{os.getpid()}")  # trained aside, renamed when complete
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "xmodal", "train", "--data", str(data_dir / "train.jsonl"), "--out", str(tmp),
            "--model", model, "--batch-size", "128", "--steps", str(steps), "--lr", "1e-3",
            "--warmup", str(max(1, steps // 10)), "--weight-decay", "0.1", "--save-every", str(steps),
            "--no-progress", "--cache-dir", str(work / "cache")]
     r = subprocess.run(cmd, env=xmodal_env(), capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"training the benchmark model failed:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
+    if (run / "checkpoints" / "latest.pt").is_file():  # another invocation finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return run
+    shutil.rmtree(run, ignore_errors=True)
+    tmp.rename(run)
     return run
 
 

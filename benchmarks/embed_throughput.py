@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import shutil
 import sys
 import time
@@ -109,7 +110,7 @@ def main() -> None:
             return time.perf_counter() - t
 
         def run_xmodal(cold: bool, math: bool = False) -> float:
-            cache = a.work_dir / "embed-cache"
+            cache = a.work_dir / f"embed-cache-{os.getpid()}"
             if cold:
                 shutil.rmtree(cache, ignore_errors=True)
             t = time.perf_counter()
@@ -148,6 +149,7 @@ def main() -> None:
             + "\n\nThe what-if row runs the same warm xmodal pipeline inside "
               "`torch.nn.attention.sdpa_kernel([SDPBackend.MATH])` (not what xmodal does today; see the training "
               "profile).")
+    shutil.rmtree(a.work_dir / f"embed-cache-{os.getpid()}", ignore_errors=True)
     C.record("embed_throughput", "Embedding throughput" + (" (--quick)" if a.quick else ""), body, machine,
              started=started, write=not a.no_write)
 

@@ -17,6 +17,7 @@ import argparse
 import gc
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -52,7 +53,7 @@ def parse_args() -> argparse.Namespace:
 def train_point(a, data: Path, batch: int, accum: int) -> tuple:
     skip = 2
     steps = skip + max(3, math.ceil(a.samples / batch))
-    out = a.work_dir / "scaling" / f"b{batch}-a{accum}"
+    out = a.work_dir / "scaling" / f"b{batch}-a{accum}-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-m", "xmodal", "train", "--data", str(data), "--out", str(out), "--model", "xm-tiny",
            "--batch-size", str(batch), "--accum-steps", str(accum), "--steps", str(steps), "--warmup", "1",

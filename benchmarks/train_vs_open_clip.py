@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import re
 import shutil
@@ -60,6 +61,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=6)
     p.add_argument("--profile-only", action="store_true", help="only the profile of xmodal's step (no comparison)")
     p.add_argument("--work-dir", type=Path, default=C.DEFAULT_WORK)
+    p.add_argument("--keep", action="store_true", help="keep the runs, checkpoints and logs (WORK/train_vs_open_clip/run-PID)")
     p.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
     a = p.parse_args()
     if a.quick:
@@ -264,7 +266,9 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
     tr._pixels, tr._features = timed(names[1], orig_pixels), timed(names[2], orig_features)
     tr.optimizer.step = timed(names[5], orig_step)
     torch.nn.utils.clip_grad_norm_ = timed(names[4], orig_clip)
+    bg_phases = C.Background()
     try:
+        bg_phases.__enter__()
         for s in range(3, 3 + n):
             timers.clear()
             t0 = time.perf_counter()
@@ -276,13 +280,14 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
             for k in names:
                 phases[k].append(timers.get(k, 0.0))
     finally:
+        bg_phases.__exit__(None, None, None)
         tr._pixels, tr._features, tr.optimizer.step = orig_pixels, orig_features, orig_step
         torch.nn.utils.clip_grad_norm_ = orig_clip
     tot = C.median(phases["total"])
     phase_rows = [(k, C.median(v) * 1000, 100 * C.median(v) / tot) for k, v in phases.items()]
 
     # 2. torch.profiler: self CPU time per op, grouped
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with C.Background() as bg_prof, profile(activities=[ProfilerActivity.CPU]) as prof:
         for s in range(3 + n, 3 + 2 * n):
             tr.train_step(s, *batcher.get(s))
     events = prof.key_averages()
@@ -374,9 +379,11 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
         lengths = (tok != 0).sum(1).float()
     shutil.rmtree(run_dir, ignore_errors=True)
     return ("Wall-clock phases of one xmodal step (median of "
-            f"{n} steps, batch {a.batch_size}, {torch.get_num_threads()} threads):\n\n"
+            f"{n} steps, batch {a.batch_size}, {torch.get_num_threads()} threads; other processes used "
+            f"{100 * bg_phases.share:.0f}% of the CPUs meanwhile):\n\n"
             + C.table(["phase", "ms/step", "% of step"], phase_rows)
-            + "\n\ntorch.profiler, self CPU time by kind of op (ms per step):\n\n"
+            + f"\n\ntorch.profiler, self CPU time by kind of op (ms per step; other processes used "
+              f"{100 * bg_prof.share:.0f}% of the CPUs meanwhile):\n\n"
             + C.table(["kind", "ms/step", "%"], cat_rows)
             + "\n\nTop ops by self CPU time:\n\n" + C.table(["op", "calls/step", "ms/step", "%"], top_rows)
             + f"\n\nWhat-if variants of `Trainer.train_step` (same trainer and batches, variants interleaved step by "
@@ -505,7 +512,7 @@ def main() -> None:
     peak0 = C.matmul_peak()
     work = a.work_dir
     dirs = C.dataset_dirs(work, [d.strip() for d in a.datasets.split(",") if d.strip()])
-    bench = work / "train_vs_open_clip"
+    bench = work / "train_vs_open_clip" / f"run-{os.getpid()}"  # concurrent invocations never share run dirs
     cache = work / "cache"
     blocks, summary = [], {}
     prof_text = ""
@@ -539,6 +546,8 @@ def main() -> None:
     body += C.table(["data", "trainer", "achieved model GFLOP/s", "% of bf16 matmul peak"], ach_rows) + prof_text
     C.record("train_vs_open_clip", "Training: xmodal vs open_clip_train" + (" (--quick)" if a.quick else ""), body,
              machine, started=started, write=not a.no_write)
+    if not a.keep:
+        shutil.rmtree(bench, ignore_errors=True)
 
 
 if __name__ == "__main__":
