@@ -61,13 +61,23 @@ def machine_line() -> str:
     flags = cpu_flags()
     isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f in flags]
     try:
-        mem_kb = int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
-                          if ln.startswith("MemTotal")))
+        mem_kb = int(
+            next(
+                ln.split()[1]
+                for ln in Path("/proc/meminfo").read_text().splitlines()
+                if ln.startswith("MemTotal")
+            )
+        )
         mem = f"{mem_kb / 2**20:.0f} GiB RAM"
     except (OSError, StopIteration):
         mem = "? RAM"
-    parts = [f"{cpu_model()}", f"{os.cpu_count()} logical cores", f"ISA {'/'.join(isa) or '-'}", mem,
-             f"torch {torch.__version__} ({torch.get_num_threads()} threads)"]
+    parts = [
+        f"{cpu_model()}",
+        f"{os.cpu_count()} logical cores",
+        f"ISA {'/'.join(isa) or '-'}",
+        mem,
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+    ]
     for mod in ("open_clip", "faiss"):
         try:
             m = __import__(mod)
@@ -112,13 +122,22 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
 
 
-def record(name: str, title: str, body: str, machine: str, command: str | None = None,
-           started: float | None = None, write: bool = True) -> None:
+def record(
+    name: str,
+    title: str,
+    body: str,
+    machine: str,
+    command: str | None = None,
+    started: float | None = None,
+    write: bool = True,
+) -> None:
     """Print the result block and append it to BENCHMARKS.md inside the `name` section."""
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     took = f", took {time.time() - started:.0f} s" if started else ""
-    block = (f"#### {title} — {when}\n\n`{command or command_line()}`  \n"
-             f"Machine: {machine}{took}\n\n{body.strip()}\n")
+    block = (
+        f"#### {title} — {when}\n\n`{command or command_line()}`  \n"
+        f"Machine: {machine}{took}\n\n{body.strip()}\n"
+    )
     print("\n" + block)
     if not write:
         return
@@ -288,8 +307,14 @@ class RunResult:
     extra: dict = field(default_factory=dict)
 
 
-def run_measured(cmd: Sequence[str], log: Path, env: dict | None = None, cwd: Path | None = None,
-                 poll_s: float = 0.5, timeout: float | None = None) -> RunResult:
+def run_measured(
+    cmd: Sequence[str],
+    log: Path,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    poll_s: float = 0.5,
+    timeout: float | None = None,
+) -> RunResult:
     """Run cmd as a child process, stdout+stderr to `log`; measure wall time and peak memory."""
     log.parent.mkdir(parents=True, exist_ok=True)
     peak = {"pss": 0, "rss": 0, "hwm": 0}
@@ -328,8 +353,16 @@ def run_measured(cmd: Sequence[str], log: Path, env: dict | None = None, cwd: Pa
     wall = time.perf_counter() - t0
     cpu = ru.ru_utime + ru.ru_stime
     other = max(0.0, cpu_busy_s() - busy0 - cpu) / (wall * (os.cpu_count() or 1))
-    return RunResult(proc.returncode, wall, peak["hwm"] / 1024, peak["pss"] / 1024, peak["rss"] / 1024,
-                     cpu, other, log.read_text(errors="replace"))
+    return RunResult(
+        proc.returncode,
+        wall,
+        peak["hwm"] / 1024,
+        peak["pss"] / 1024,
+        peak["rss"] / 1024,
+        cpu,
+        other,
+        log.read_text(errors="replace"),
+    )
 
 
 def _wait4_timeout(proc: subprocess.Popen, timeout: float):
@@ -380,13 +413,39 @@ def ensure_model(work: Path, data_dir: Path, steps: int = 300, model: str = "xm-
     run = work / "models" / f"{data_dir.name}-{model}-{steps}"
     if (run / "checkpoints" / "latest.pt").is_file():
         return run
-    print(f"training {model} on {data_dir.name} for {steps} steps → {run} (once; reused afterwards) …", flush=True)
+    print(
+        f"training {model} on {data_dir.name} for {steps} steps → {run} (once; reused afterwards) …",
+        flush=True,
+    )
     tmp = run.with_name(f".{run.name}.tmp{os.getpid()}")  # trained aside, renamed when complete
     shutil.rmtree(tmp, ignore_errors=True)
-    cmd = [sys.executable, "-m", "xmodal", "train", "--data", str(data_dir / "train.jsonl"), "--out", str(tmp),
-           "--model", model, "--batch-size", "128", "--steps", str(steps), "--lr", "1e-3",
-           "--warmup", str(max(1, steps // 10)), "--weight-decay", "0.1", "--save-every", str(steps),
-           "--no-progress", "--cache-dir", str(work / "cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xmodal",
+        "train",
+        "--data",
+        str(data_dir / "train.jsonl"),
+        "--out",
+        str(tmp),
+        "--model",
+        model,
+        "--batch-size",
+        "128",
+        "--steps",
+        str(steps),
+        "--lr",
+        "1e-3",
+        "--warmup",
+        str(max(1, steps // 10)),
+        "--weight-decay",
+        "0.1",
+        "--save-every",
+        str(steps),
+        "--no-progress",
+        "--cache-dir",
+        str(work / "cache"),
+    ]
     r = subprocess.run(cmd, env=xmodal_env(), capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"training the benchmark model failed:\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}")
@@ -399,12 +458,14 @@ def ensure_model(work: Path, data_dir: Path, steps: int = 300, model: str = "xm-
 
 
 def embed_split(encoder, data_dir: Path, split: str, work: Path):
-    """(image embeddings N×D, caption embeddings T×D, caption→image index T, data) of one split, float32 numpy."""
+    """(image embeddings N×D, caption embeddings T×D, caption→image index T, data) of one split (float32)."""
     import numpy as np
 
     from xmodal.data import load_dataset
 
-    data = load_dataset(data_dir / f"{split}.jsonl", encoder.image_size, cache_dir=work / "cache", progress=False)
+    data = load_dataset(
+        data_dir / f"{split}.jsonl", encoder.image_size, cache_dir=work / "cache", progress=False
+    )
     img = encoder.encode_images(data.images).numpy().astype(np.float32)
     caps = [c for cs in data.captions for c in cs]
     owner = np.array([i for i, cs in enumerate(data.captions) for _ in cs])

@@ -96,9 +96,10 @@ def main() -> None:
         paths = [str(folder / r["image"]) for r in C.manifest_rows(manifest)]
         n = len(paths)
 
-        def run_open_clip() -> float:
-            dl = torch.utils.data.DataLoader(PngDataset(paths, preprocess), batch_size=a.batch_size,
-                                             num_workers=a.workers, shuffle=False)
+        def run_open_clip(paths: list[str] = paths, n: int = n) -> float:
+            dl = torch.utils.data.DataLoader(
+                PngDataset(paths, preprocess), batch_size=a.batch_size, num_workers=a.workers, shuffle=False
+            )
             t = time.perf_counter()
             out = []
             with torch.no_grad():
@@ -109,7 +110,7 @@ def main() -> None:
             assert sum(len(o) for o in out) == n
             return time.perf_counter() - t
 
-        def run_xmodal(cold: bool, math: bool = False) -> float:
+        def run_xmodal(cold: bool, math: bool = False, manifest: Path = manifest, n: int = n) -> float:
             cache = a.work_dir / f"embed-cache-{os.getpid()}"
             if cold:
                 shutil.rmtree(cache, ignore_errors=True)
@@ -125,9 +126,12 @@ def main() -> None:
 
         run_xmodal(cold=True)  # warm the page cache and the model once, untimed
         run_open_clip()
-        times: dict[str, list[float]] = {"open_clip + PIL DataLoader": [], "xmodal cold (decode + cache)": [],
-                                         "xmodal warm (cache hit)": [],
-                                         "what-if: xmodal warm + SDPA math kernel": []}
+        times: dict[str, list[float]] = {
+            "open_clip + PIL DataLoader": [],
+            "xmodal cold (decode + cache)": [],
+            "xmodal warm (cache hit)": [],
+            "what-if: xmodal warm + SDPA math kernel": [],
+        }
         with C.Background() as bg:
             for _ in range(a.repeats):
                 times["open_clip + PIL DataLoader"].append(run_open_clip())
@@ -136,22 +140,62 @@ def main() -> None:
                 times["what-if: xmodal warm + SDPA math kernel"].append(run_xmodal(cold=False, math=True))
         oc = times["open_clip + PIL DataLoader"]
         for k, v in times.items():
-            rows.append((f"{src_px} px PNG", k, n, C.median(v), n / C.median(v),
-                         C.median([o / x for o, x in zip(oc, v, strict=True)]), f"{100 * bg.share:.0f}%"))
-        print(C.table(["source", "pipeline", "images", "median s", "images/s", "speed-up vs open_clip (paired)",
-                       "other procs' CPU"], rows[-len(times):]), flush=True)
+            rows.append(
+                (
+                    f"{src_px} px PNG",
+                    k,
+                    n,
+                    C.median(v),
+                    n / C.median(v),
+                    C.median([o / x for o, x in zip(oc, v, strict=True)]),
+                    f"{100 * bg.share:.0f}%",
+                )
+            )
+        print(
+            C.table(
+                [
+                    "source",
+                    "pipeline",
+                    "images",
+                    "median s",
+                    "images/s",
+                    "speed-up vs open_clip (paired)",
+                    "other procs' CPU",
+                ],
+                rows[-len(times) :],
+            ),
+            flush=True,
+        )
 
-    body = (f"Model {a.model} ({size} px input, random weights: throughput does not depend on them), batch "
-            f"{a.batch_size}, {a.precision} autocast on both sides, {a.workers} decode workers on both sides, "
-            f"{a.repeats} interleaved repeats.\n\n"
-            + C.table(["source", "pipeline", "images", "median s", "images/s", "speed-up vs open_clip (paired)",
-                       "other procs' CPU"], rows)
-            + "\n\nThe what-if row runs the same warm xmodal pipeline inside "
-              "`torch.nn.attention.sdpa_kernel([SDPBackend.MATH])` (not what xmodal does today; see the training "
-              "profile).")
+    body = (
+        f"Model {a.model} ({size} px input, random weights: throughput does not depend on them), batch "
+        f"{a.batch_size}, {a.precision} autocast on both sides, {a.workers} decode workers on both sides, "
+        f"{a.repeats} interleaved repeats.\n\n"
+        + C.table(
+            [
+                "source",
+                "pipeline",
+                "images",
+                "median s",
+                "images/s",
+                "speed-up vs open_clip (paired)",
+                "other procs' CPU",
+            ],
+            rows,
+        )
+        + "\n\nThe what-if row runs the same warm xmodal pipeline inside "
+        "`torch.nn.attention.sdpa_kernel([SDPBackend.MATH])` (not what xmodal does today; see the training "
+        "profile)."
+    )
     shutil.rmtree(a.work_dir / f"embed-cache-{os.getpid()}", ignore_errors=True)
-    C.record("embed_throughput", "Embedding throughput" + (" (--quick)" if a.quick else ""), body, machine,
-             started=started, write=not a.no_write)
+    C.record(
+        "embed_throughput",
+        "Embedding throughput" + (" (--quick)" if a.quick else ""),
+        body,
+        machine,
+        started=started,
+        write=not a.no_write,
+    )
 
 
 if __name__ == "__main__":

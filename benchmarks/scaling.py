@@ -55,18 +55,51 @@ def train_point(a, data: Path, batch: int, accum: int) -> tuple:
     steps = skip + max(3, math.ceil(a.samples / batch))
     out = a.work_dir / "scaling" / f"b{batch}-a{accum}-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "xmodal", "train", "--data", str(data), "--out", str(out), "--model", "xm-tiny",
-           "--batch-size", str(batch), "--accum-steps", str(accum), "--steps", str(steps), "--warmup", "1",
-           "--precision", "bf16", "--log-every", "1", "--save-every", "1000000", "--no-progress",
-           "--cache-dir", str(a.work_dir / "cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "xmodal",
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--model",
+        "xm-tiny",
+        "--batch-size",
+        str(batch),
+        "--accum-steps",
+        str(accum),
+        "--steps",
+        str(steps),
+        "--warmup",
+        "1",
+        "--precision",
+        "bf16",
+        "--log-every",
+        "1",
+        "--save-every",
+        "1000000",
+        "--no-progress",
+        "--cache-dir",
+        str(a.work_dir / "cache"),
+    ]
     r = C.run_measured(cmd, out.parent / f"{out.name}.log", env=C.xmodal_env())
     if r.returncode:
         raise SystemExit(f"xmodal train failed for batch {batch} accum {accum}:\n{r.stdout[-2000:]}")
     recs = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     step_s = [batch / x["samples_per_s"] for x in recs if "samples_per_s" in x][skip:]
     shutil.rmtree(out, ignore_errors=True)
-    return (batch, accum, batch // accum, len(step_s), C.median(step_s), batch / C.median(step_s),
-            r.peak_rss_mib, f"{100 * r.background:.0f}%")
+    return (
+        batch,
+        accum,
+        batch // accum,
+        len(step_s),
+        C.median(step_s),
+        batch / C.median(step_s),
+        r.peak_rss_mib,
+        f"{100 * r.background:.0f}%",
+    )
 
 
 def search_point(a, n: int) -> list[tuple]:
@@ -89,8 +122,18 @@ def search_point(a, n: int) -> list[tuple]:
             t = time.perf_counter()
             _, found = idx.search_rows(q, 10)
             batch_s = time.perf_counter() - t
-        rows.append((f"{n:,}", label, build, C.median(lat) * 1000, float(np.percentile(lat, 95)) * 1000,
-                     len(q) / batch_s, S.recall(found, truth), f"{100 * bg.share:.0f}%"))
+        rows.append(
+            (
+                f"{n:,}",
+                label,
+                build,
+                C.median(lat) * 1000,
+                float(np.percentile(lat, 95)) * 1000,
+                len(q) / batch_s,
+                S.recall(found, truth),
+                f"{100 * bg.share:.0f}%",
+            )
+        )
         print(f"   search {n:,} {label}: p50 {rows[-1][3]:.2f} ms", flush=True)
         del idx
         gc.collect()
@@ -111,21 +154,44 @@ def main() -> None:
             print(f"== train batch {batch}, accum {accum}", flush=True)
             rows.append(train_point(a, shapes / "train.jsonl", batch, accum))
             print("   " + ", ".join(C.fmt(v) for v in rows[-1]), flush=True)
-        parts.append("**Training** (xm-tiny, shapes 5,000 images, bf16, one process per row, ~"
-                     f"{a.samples} samples timed after 2 warm-up steps):\n\n"
-                     + C.table(["batch (negatives)", "accum steps", "micro-batch", "timed steps", "s/step",
-                                "samples/s", "peak RSS MiB", "other procs' CPU"], rows))
+        parts.append(
+            "**Training** (xm-tiny, shapes 5,000 images, bf16, one process per row, ~"
+            f"{a.samples} samples timed after 2 warm-up steps):\n\n"
+            + C.table(
+                [
+                    "batch (negatives)",
+                    "accum steps",
+                    "micro-batch",
+                    "timed steps",
+                    "s/step",
+                    "samples/s",
+                    "peak RSS MiB",
+                    "other procs' CPU",
+                ],
+                rows,
+            )
+        )
     if not a.skip_search:
         rows = []
         for n in [int(s) for s in a.search_sizes.split(",") if s.strip()]:
             print(f"== search {n:,}", flush=True)
             rows += search_point(a, n)
-        parts.append(f"**Search latency vs collection size** (synthetic 512-d mixture as in search.py, {a.queries} "
-                     "queries, k = 10; latency = one query per call):\n\n"
-                     + C.table(["N", "index", "build s", "p50 ms", "p95 ms", "QPS (batch)", "recall@10",
-                                "other procs' CPU"], rows))
-    C.record("scaling", "Scaling" + (" (--quick)" if a.quick else ""), "\n\n".join(parts), machine,
-             started=started, write=not a.no_write)
+        parts.append(
+            f"**Search latency vs collection size** (synthetic 512-d mixture as in search.py, {a.queries} "
+            "queries, k = 10; latency = one query per call):\n\n"
+            + C.table(
+                ["N", "index", "build s", "p50 ms", "p95 ms", "QPS (batch)", "recall@10", "other procs' CPU"],
+                rows,
+            )
+        )
+    C.record(
+        "scaling",
+        "Scaling" + (" (--quick)" if a.quick else ""),
+        "\n\n".join(parts),
+        machine,
+        started=started,
+        write=not a.no_write,
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ embeddings) at each `--sizes`, and real embeddings: the emoji images embedded by
 emoji (queries: the emoji captions).
 
 Ground truth is exact inner-product top-10 (FAISS IndexFlatIP). QPS: all queries in one batch call, median of
-`--repeats` rounds (interleaved: every kind once per round, while all indexes fit in memory); latency: one query per call, median.
+`--repeats` rounds (interleaved: every kind once per round, while all indexes fit in memory); latency: one
+query per call, median.
 Bytes/vector: the serialised ANN structure / N (re-ranking also reads the float32 vectors, 4·D bytes, kept
 memory-mapped in vectors.npy).
 
@@ -52,9 +53,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--latency-queries", type=int, default=200, help="single-query calls for the latency column")
+    p.add_argument(
+        "--latency-queries", type=int, default=200, help="single-query calls for the latency column"
+    )
     p.add_argument("--no-emoji", action="store_true")
-    p.add_argument("--model-steps", type=int, default=300, help="training steps of the emoji model (trained once)")
+    p.add_argument(
+        "--model-steps", type=int, default=300, help="training steps of the emoji model (trained once)"
+    )
     p.add_argument("--work-dir", type=Path, default=C.DEFAULT_WORK)
     p.add_argument("--no-write", action="store_true")
     a = p.parse_args()
@@ -64,7 +69,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def mixture(n: int, a, rng: np.random.Generator, centers: np.ndarray, proj: np.ndarray) -> np.ndarray:
-    """n points: latent cluster centre + latent Gaussian, projected to dim, plus isotropic noise; L2-normalised."""
+    """n points: latent centre + latent Gaussian, projected to dim, plus isotropic noise; L2-normalised."""
     out = np.empty((n, a.dim), np.float32)
     for i in range(0, n, 50_000):
         m = min(50_000, n - i)
@@ -100,14 +105,26 @@ def ann_bytes(idx) -> int:
     import faiss
 
     if idx.kind == "binary":
-        return int(faiss.serialize_index_binary(idx.ann).size) + idx.coder.projection.nbytes + idx.coder.mean.nbytes
+        return (
+            int(faiss.serialize_index_binary(idx.ann).size)
+            + idx.coder.projection.nbytes
+            + idx.coder.mean.nbytes
+        )
     return int(faiss.serialize_index(idx.ann).size)
 
 
 def _mem_total() -> int:
     try:
-        return int(next(ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
-                        if ln.startswith("MemTotal"))) * 1024
+        return (
+            int(
+                next(
+                    ln.split()[1]
+                    for ln in Path("/proc/meminfo").read_text().splitlines()
+                    if ln.startswith("MemTotal")
+                )
+            )
+            * 1024
+        )
     except (OSError, StopIteration):
         return 8 << 30
 
@@ -147,10 +164,12 @@ def bench_collection(name: str, x: np.ndarray, q: np.ndarray, a) -> tuple[list[t
         p = idx.info["params"]
         out[label]["lat"] = C.median(ts) * 1000
         out[label]["bytes"] = ann_bytes(idx) / n
-        out[label]["detail"] = {"hnsw": f"M={p.get('hnsw_m')}",
-                                "ivfpq": f"nlist={p.get('nlist')}, nprobe={p.get('nprobe')}, "
-                                         f"m={p.get('pq_m')}×{p.get('pq_nbits')} bit",
-                                "binary": p.get("binary_method")}.get(idx.kind, "")
+        out[label]["detail"] = {
+            "hnsw": f"M={p.get('hnsw_m')}",
+            "ivfpq": f"nlist={p.get('nlist')}, nprobe={p.get('nprobe')}, "
+            f"m={p.get('pq_m')}×{p.get('pq_nbits')} bit",
+            "binary": p.get("binary_method"),
+        }.get(idx.kind, "")
         del out[label]["idx"]
         gc.collect()
 
@@ -169,8 +188,21 @@ def bench_collection(name: str, x: np.ndarray, q: np.ndarray, a) -> tuple[list[t
                 for _ in range(a.repeats):
                     time_batch(label)
                 finish(label)
-    rows = [(name, f"{n:,}", label, r["detail"], r["build"], r["bytes"], len(q) / C.median(r["times"]), r["lat"],
-             r["recall"], f"{100 * bg.share:.0f}%") for label, r in out.items()]
+    rows = [
+        (
+            name,
+            f"{n:,}",
+            label,
+            r["detail"],
+            r["build"],
+            r["bytes"],
+            len(q) / C.median(r["times"]),
+            r["lat"],
+            r["recall"],
+            f"{100 * bg.share:.0f}%",
+        )
+        for label, r in out.items()
+    ]
     how = "interleaved rounds" if together else "one kind at a time (memory)"
     return rows, f"{name} {n:,}: {how}"
 
@@ -204,17 +236,39 @@ def main() -> None:
             r, how = bench_collection("emoji (xm-tiny, 128-d)", x, q, a)
             rows += r
             hows.append(how)
-            emoji_note = (f" Emoji: all {len(x)} emoji images embedded by {run.name} (xm-tiny trained "
-                          f"{a.model_steps} steps on the emoji train split), {len(q)} caption queries.")
-    headers = ["collection", "N", "index", "params", "build s", "ANN bytes/vector", "QPS (batch)",
-               "latency ms (1 query)", f"recall@{a.k} vs exact", "other procs' CPU"]
-    body = (f"Synthetic: {a.clusters} clusters in a {a.latent_dim}-d latent space → {a.dim}-d, noise {a.noise}, "
-            f"{a.queries} queries from the same mixture.{emoji_note} QPS: median of {a.repeats} rounds ({'; '.join(hows)}). "
-            "Float kinds are exact-inner-product FAISS structures built by xmodal's `SearchIndex.from_vectors` "
-            "with its default parameters; re-ranking reads the float32 vectors (4·D bytes/vector more, memory-mapped)."
-            "\n\n" + C.table(headers, rows))
-    C.record("search", "Search" + (" (--quick)" if a.quick else ""), body, machine, started=started,
-             write=not a.no_write)
+            emoji_note = (
+                f" Emoji: all {len(x)} emoji images embedded by {run.name} (xm-tiny trained "
+                f"{a.model_steps} steps on the emoji train split), {len(q)} caption queries."
+            )
+    headers = [
+        "collection",
+        "N",
+        "index",
+        "params",
+        "build s",
+        "ANN bytes/vector",
+        "QPS (batch)",
+        "latency ms (1 query)",
+        f"recall@{a.k} vs exact",
+        "other procs' CPU",
+    ]
+    body = (
+        f"Synthetic: {a.clusters} clusters in a {a.latent_dim}-d latent space → {a.dim}-d, noise {a.noise}, "
+        f"{a.queries} queries from the same mixture.{emoji_note} QPS: median of {a.repeats} rounds "
+        f"({'; '.join(hows)}). "
+        "Float kinds are exact-inner-product FAISS structures built by xmodal's `SearchIndex.from_vectors` "
+        "with its default parameters; re-ranking reads the float32 vectors (4·D bytes/vector more, "
+        "memory-mapped)."
+        "\n\n" + C.table(headers, rows)
+    )
+    C.record(
+        "search",
+        "Search" + (" (--quick)" if a.quick else ""),
+        body,
+        machine,
+        started=started,
+        write=not a.no_write,
+    )
 
 
 if __name__ == "__main__":

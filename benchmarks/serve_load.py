@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> dict:
         import _common as C
 
         body = (
-            f"{args.clients} concurrent loopback clients × {args.requests} `GET /search` requests (k = {args.k}) "
+            f"{args.clients} concurrent loopback clients × {args.requests} `GET /search` requests "
+            f"(k = {args.k}) "
             f"against `xmodal serve` in its own process"
             f"{'' if args.index or args.url else ' (a 500-item xm-micro index)'}.\n\n"
             + C.table(
