@@ -266,7 +266,7 @@ def test_failed_save_keeps_previous_index(tmp_path, monkeypatch):
 
 
 def test_crash_between_renames_is_recovered(tmp_path):
-    from xmodal.index.fsutil import backup_path
+    from xmodal.fsutil import backup_path
 
     v = np.random.default_rng(0).standard_normal((10, 8)).astype(np.float32)
     SearchIndex.from_vectors(v).save(tmp_path / "idx")

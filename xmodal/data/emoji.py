@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from xmodal.data.records import DataStats
 from xmodal.errors import UserError
+from xmodal.fsutil import write_text_atomic
 
 EMOJI_TEST = Path("/usr/share/unicode/emoji/emoji-test.txt")
 CLDR_DIR = Path("/usr/share/unicode/cldr/common")
@@ -239,9 +240,7 @@ def make_emoji(out: str | Path, image_size: int = 64, langs: list[str] | tuple[s
     for split in ("train", "val", "test"):
         rows = [_row(e, bool(extra_langs)) for e in drawn if split_of[e.base] == split]
         paths[split] = out / f"{split}.jsonl"
-        tmp = out / f".{split}.jsonl.tmp"
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, paths[split])
+        write_text_atomic(paths[split], "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return paths
 
 

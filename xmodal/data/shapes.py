@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from xmodal.errors import UserError
+from xmodal.fsutil import write_text_atomic
 
 KINDS = ("circle", "square", "triangle", "star", "cross")
 COLORS = {
@@ -176,11 +177,7 @@ def _render_to(job: tuple[Scene, int, str]) -> None:
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _scene_row(scene: Scene, image: str) -> dict:

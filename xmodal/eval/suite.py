@@ -15,6 +15,7 @@ import numpy as np
 from xmodal.errors import UserError
 from xmodal.eval.cache import EmbeddingCache
 from xmodal.eval.core import TASKS, EvalContext, EvalOptions, read_templates
+from xmodal.fsutil import write_text_atomic
 
 DEFAULT_TASKS = ("retrieval", "zeroshot")
 
@@ -121,6 +122,4 @@ def write_json(path: str | Path, results: dict) -> None:
     """Write results atomically (a crash never leaves half a file)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    tmp.replace(p)
+    write_text_atomic(p, json.dumps(results, indent=2) + "\n")

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from xmodal import fsutil
 from xmodal.errors import UserError
-from xmodal.index import fsutil
 from xmodal.index.binary import METHODS as BINARY_METHODS
 from xmodal.index.embed import MAX_PIXELS, embed_collection, to_collection
 from xmodal.index.store import (

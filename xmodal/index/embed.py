@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from xmodal.errors import UserError
-from xmodal.index.fsutil import write_atomic
+from xmodal.fsutil import write_atomic
 
 # Test hook (used by tests/test_index_crash.py only): seconds to sleep after each saved chunk, so a test can
 # kill `xmodal index build` part-way through. Never set in normal use.

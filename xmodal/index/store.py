@@ -34,8 +34,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from xmodal import fsutil
 from xmodal.errors import UserError
-from xmodal.index import fsutil, hubness
+from xmodal.index import hubness
 from xmodal.index.binary import BinaryCoder, fit_binary
 
 FORMAT = 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,13 @@ def build_model(
         raise UserError(f"--pretrained {spec.pretrained}: file not found")
     model = (CustomTextCLIP if custom else CLIP)(**cfg)
     if spec.pretrained:
-        try:
-            open_clip.load_checkpoint(model, spec.pretrained, strict=True, weights_only=False)
+        try:  # weights_only: a file holding other pickled objects is refused, never executed
+            open_clip.load_checkpoint(model, spec.pretrained, strict=True, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UserError(
+                f"--pretrained {spec.pretrained}: holds pickled Python objects beyond tensors; xmodal loads "
+                "weights only (re-save it as a plain state dict, or as .safetensors)"
+            ) from e
         except (RuntimeError, KeyError, OSError, ValueError, AssertionError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(

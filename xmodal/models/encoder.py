@@ -18,6 +18,7 @@ import torch.nn.functional as F
 import yaml
 
 from xmodal.errors import UserError
+from xmodal.fsutil import load_torch_safe
 from xmodal.models.build import ModelSpec, build_model, build_tokenizer, resolve_model_config
 from xmodal.models.text import encode_text
 
@@ -126,7 +127,7 @@ def load_encoder(
         spec = ModelSpec(**{k: v for k, v in cfg["model"].items() if k in ModelSpec.__dataclass_fields__})
         spec.pretrained = None
         model = build_model(spec, cfg["model_config"], load_hf_weights=False)
-        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        state = load_torch_safe(ckpt, "checkpoint")
         model.load_state_dict(state["model"])
         model_cfg, name = cfg["model_config"], src.name
     elif src.is_dir() and (src / "model.json").is_file():  # open_clip export

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-import torch
-
 from xmodal.errors import UserError
+from xmodal.fsutil import save_torch_atomic, write_bytes_atomic, write_text_atomic
 from xmodal.models.encoder import load_encoder
 
 
@@ -29,23 +27,15 @@ def export_open_clip(run: str | Path, out_dir: str | Path, checkpoint: str | Non
         "interpolation": "bicubic",
         "resize_mode": "shortest",
     }
-    _write_atomic(out / "open_clip_model.pt", lambda f: torch.save(enc.model.state_dict(), f))
+    save_torch_atomic(enc.model.state_dict(), out / "open_clip_model.pt")
     from safetensors.torch import save as st_save
 
     tensors = {k: v.detach().contiguous().clone() for k, v in enc.model.state_dict().items()}
-    _write_atomic(out / "open_clip_model.safetensors", lambda f: f.write(st_save(tensors)))
-    _write_atomic(out / "model.json", lambda f: f.write(json.dumps(model_cfg, indent=2).encode()))
-    _write_atomic(
+    write_bytes_atomic(out / "open_clip_model.safetensors", st_save(tensors))
+    write_text_atomic(out / "model.json", json.dumps(model_cfg, indent=2))
+    write_text_atomic(
         out / "open_clip_config.json",
-        lambda f: f.write(
-            json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2).encode()
-        ),
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess}, indent=2),
     )
     return out
 
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)

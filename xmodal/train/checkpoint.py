@@ -7,24 +7,14 @@ import re
 from pathlib import Path
 from typing import Any
 
-import torch
-
-
-def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save to a temp file in the same folder, fsync, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+from xmodal.fsutil import load_torch_safe, save_torch_atomic
 
 
 def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int = 3) -> Path:
     """Write step_N.pt and point latest.pt at the same bytes (hard link, renamed atomically)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"step_{step}.pt"
-    atomic_save(state, path)
+    save_torch_atomic(state, path)
     tmp = ckpt_dir / f".latest.pt.tmp{os.getpid()}"
     try:
         if tmp.exists():
@@ -32,7 +22,7 @@ def save_checkpoint(state: dict[str, Any], ckpt_dir: Path, step: int, keep: int 
         os.link(path, tmp)
         os.replace(tmp, ckpt_dir / "latest.pt")
     except OSError:  # filesystems without hard links
-        atomic_save(state, ckpt_dir / "latest.pt")
+        save_torch_atomic(state, ckpt_dir / "latest.pt")
     if keep > 0:
         for old in list_checkpoints(ckpt_dir)[:-keep]:
             old.unlink(missing_ok=True)
@@ -49,4 +39,4 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_torch_safe(path, "checkpoint")

@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from xmodal.errors import UserError
+from xmodal.fsutil import write_text_atomic
 
 
 @dataclass
@@ -119,9 +120,7 @@ def save_config(
 ) -> None:
     """config.yaml = train options + the model spec + the exact open_clip model config."""
     doc = {"train": cfg.to_dict(), "model": model_spec, "model_config": model_config}
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
-    tmp.replace(path)
+    write_text_atomic(path, yaml.safe_dump(doc, sort_keys=False))
 
 
 def load_run_config(run_dir: Path) -> dict[str, Any]:

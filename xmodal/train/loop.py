@@ -19,6 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from xmodal.data import ImageTextData, load_dataset
 from xmodal.data.augment import AugmentConfig, augment_images, drop_words
 from xmodal.errors import UserError
+from xmodal.fsutil import write_text_atomic
 from xmodal.models import Encoder, ModelSpec, build_model, build_tokenizer, resolve_model_config
 from xmodal.models.encoder import pick_device
 from xmodal.models.text import encode_text
@@ -157,9 +158,7 @@ class MetricsLog:
                 for ln in self.path.read_text().splitlines()
                 if ln and json.loads(ln).get("step", 0) <= resume_step
             ]
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            tmp.replace(self.path)
+            write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
         elif self.path.exists():
             self.path.unlink()
         self.fh = open(self.path, "a")
@@ -453,7 +452,7 @@ class Trainer:
                 "fsdp": self.fsdp,
                 "step": step,
                 "config": self.cfg.to_dict(),
-                "torch": torch.__version__,
+                "torch": str(torch.__version__),
             }
             save_checkpoint(state, self.ckpt_dir, step, keep=self.cfg.keep_checkpoints)
         D.barrier()

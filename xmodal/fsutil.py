@@ -1,6 +1,8 @@
-"""Crash-safe file and folder writes for index directories.
+"""Crash-safe file and folder writes: the one place xmodal writes a file that must never be half-written.
 
-A whole index directory is written into a temporary folder beside the target and then swapped in.
+`write_atomic` (and its text/bytes/torch shorthands) writes a temp file beside the target, fsyncs it and
+renames it over the target. A whole index directory is written into a temporary folder beside the target
+and then swapped in.
 On Linux the swap is one atomic `renameat2(RENAME_EXCHANGE)`; elsewhere (or when the filesystem
 refuses) it is two renames with the previous version parked at `.NAME.previous`, which `recover_dir`
 puts back if a crash lands between them. Either way a reader sees the old or the new index, never a mix.
@@ -17,7 +19,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
@@ -50,6 +52,43 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    write_atomic(path, lambda f: f.write(data))
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    write_atomic(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def save_torch_atomic(obj: Any, path: str | Path) -> None:
+    """torch.save through `write_atomic` (torch imported here only: the index layer stays torch-free)."""
+    import torch
+
+    write_atomic(path, lambda f: torch.save(obj, f))
+
+
+def load_torch_safe(path: str | Path, what: str) -> Any:
+    """torch.load that never runs code: tensors and plain containers only (`weights_only=True`). A file
+    holding any other pickled object is a one-line UserError naming `what` (the flag or file)."""
+    import pickle
+
+    import torch
+
+    from xmodal.errors import UserError
+
+    try:  # TorchVersion (a str) is allowed: checkpoints of earlier xmodal versions recorded one
+        with torch.serialization.safe_globals([torch.torch_version.TorchVersion]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(
+            f"{what} {path}: holds pickled Python objects beyond tensors; xmodal loads weights only "
+            "(re-save it as a plain state dict, or as .safetensors)"
+        ) from e
+    except (EOFError, RuntimeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{what} {path}: not a readable PyTorch file ({first})") from e
 
 
 def fsync_tree(root: Path) -> None:
