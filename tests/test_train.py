@@ -14,7 +14,7 @@ import yaml
 
 from tests.conftest import REPO, run_cli
 from xmodal.train.config import TrainConfig
-from xmodal.train.loop import Trainer
+from xmodal.train.trainer import Trainer
 
 MICRO = ["--model", "xm-micro", "--precision", "fp32", "--no-progress", "--lr", "1e-3", "--warmup", "2"]
 

@@ -25,7 +25,7 @@ def demo(
     from xmodal.eval import evaluate
     from xmodal.index import build_index
     from xmodal.train.config import TrainConfig
-    from xmodal.train.loop import Trainer
+    from xmodal.train.trainer import Trainer
 
     console = Console()
     root = Path(out)

@@ -60,7 +60,7 @@ def train(
     """Train an image-text embedding model."""
     overrides = {k: v for k, v in locals().items() if k not in ("config", "resume")}
     from xmodal.train.config import load_run_config, resolve_config
-    from xmodal.train.loop import Trainer
+    from xmodal.train.trainer import Trainer
 
     if resume and out and config is None and (Path(out) / "config.yaml").is_file():
         saved = load_run_config(Path(out))["train"]

@@ -1,11 +1,9 @@
-"""The training loop: deterministic batches from the preprocessed cache, contrastive objectives
-exact under data parallelism, cached-feature gradient accumulation, atomic checkpoints and resume
-that reproduces the uninterrupted loss curve."""
+"""The trainer: contrastive objectives exact under data parallelism, cached-feature gradient accumulation
+(exact with dropout too), atomic checkpoints and a resume that reproduces the uninterrupted loss curve."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import time
@@ -15,179 +13,27 @@ from typing import Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from xmodal.data import ImageTextData, load_dataset
-from xmodal.data.augment import AugmentConfig, augment_images, drop_words
+from xmodal.data.augment import AugmentConfig, augment_images
 from xmodal.errors import UserError
-from xmodal.fsutil import write_text_atomic
 from xmodal.models import Encoder, ModelSpec, build_model, build_tokenizer, resolve_model_config
 from xmodal.models.encoder import pick_device
 from xmodal.models.text import encode_text
 from xmodal.objectives import contrastive_loss
 from xmodal.train import distributed as D
+from xmodal.train.batcher import Batcher, stable_seed
 from xmodal.train.checkpoint import load_checkpoint, save_checkpoint
 from xmodal.train.config import TrainConfig, save_config
+from xmodal.train.gradcache import cached_feature_backward
+from xmodal.train.logs import MetricsLog, Progress, plot_loss_curve
+from xmodal.train.optim import lr_at, make_optimizer
+from xmodal.train.precision import make_grad_scaler, resolve_precision
 
 # Crash tests need a run slow enough to kill mid-way; nothing else should set this.
 _STEP_DELAY = float(os.environ.get("XMODAL_TEST_STEP_DELAY", "0"))
 SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
-
-
-def _seed(*parts: int) -> int:
-    """A 63-bit seed from integers, stable across processes (unlike hash())."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
-    return h
-
-
-class Batcher:
-    """Batches whose content depends only on (seed, step, rank): the same data order after a resume,
-    and each rank takes its slice of the same global batch."""
-
-    def __init__(self, data: ImageTextData, tokenizer: Any, cfg: TrainConfig, dist: D.DistInfo) -> None:
-        self.data, self.tokenizer, self.cfg, self.dist = data, tokenizer, cfg, dist
-        self.n = len(data)
-        self.global_batch = cfg.batch_size
-        if self.global_batch % dist.world_size:
-            raise UserError(
-                f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes"
-            )
-        self.local_batch = self.global_batch // dist.world_size
-        if self.local_batch % cfg.accum_steps:
-            raise UserError(
-                f"--accum-steps {cfg.accum_steps} must divide the per-process batch {self.local_batch}"
-            )
-        self.steps_per_epoch = self.n // self.global_batch
-        if self.steps_per_epoch == 0:
-            raise UserError(
-                f"--data {cfg.data}: {self.n} usable samples, fewer than --batch-size {cfg.batch_size}"
-            )
-        self.flat_captions = [c for caps in data.captions for c in caps]
-        counts = torch.tensor([len(c) for c in data.captions])
-        self.cap_count = counts
-        self.cap_start = torch.cumsum(counts, 0) - counts
-        self.tokens = None if cfg.aug_word_drop > 0 else self._tokenize(self.flat_captions)
-        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-
-    def _tokenize(self, texts: list[str]) -> torch.Tensor:
-        chunks = [self.tokenizer(texts[i : i + 8192]) for i in range(0, len(texts), 8192)]
-        return torch.cat(chunks)
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
-    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 images b×3×S×S, tokens b×L) for this rank at `step`. Every random choice is made for
-        the whole global batch (or per global position), so ranks see exactly their slice of it."""
-        epoch, j = divmod(step, self.steps_per_epoch)
-        if epoch != self._perm_epoch:
-            self._perm = torch.randperm(
-                self.n, generator=torch.Generator().manual_seed(_seed(self.cfg.seed, epoch))
-            )
-            self._perm_epoch = epoch
-        idx = self._perm[j * self.global_batch : (j + 1) * self.global_batch]
-        gen = torch.Generator().manual_seed(_seed(self.cfg.seed, step, 7))
-        choice = (torch.rand(len(idx), generator=gen) * self.cap_count[idx]).long()
-        start = self.dist.rank * self.local_batch
-        rows = slice(start, start + self.local_batch)
-        local, cap_idx = idx[rows], (self.cap_start[idx] + choice)[rows]
-        if self.tokens is not None:
-            tokens = self.tokens[cap_idx]
-        else:
-            texts = [
-                drop_words(
-                    self.flat_captions[c],
-                    self.cfg.aug_word_drop,
-                    torch.Generator().manual_seed(_seed(self.cfg.seed, step, start + i, 13)),
-                )
-                for i, c in enumerate(cap_idx.tolist())
-            ]
-            tokens = self.tokenizer(texts)
-        return self.data.images[local], tokens
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype, or None for fp32. Never float16 on a CPU (emulated there: ~17× slower)."""
-    if precision == "fp32":
-        return None
-    if precision == "fp16":
-        if device.type != "cuda":
-            raise UserError("--precision fp16 is for CUDA only; on a CPU use bf16 (or auto)")
-        return torch.float16
-    bf16_ok = (
-        torch.cuda.is_bf16_supported()
-        if device.type == "cuda"
-        else bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    )
-    if precision == "bf16":
-        if not bf16_ok:
-            raise UserError(f"--precision bf16: this {device.type} has no bf16 support; use fp32")
-        return torch.bfloat16
-    return torch.bfloat16 if bf16_ok else None  # auto
-
-
-def lr_at(step: int, cfg: TrainConfig, total: int) -> float:
-    """Linear warm-up, then cosine decay to min_lr."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, total - cfg.warmup)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on gains, biases, embeddings-as-vectors and the temperature (as in CLIP)."""
-    decay, no_decay = [], []
-    for n, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        excluded = p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n
-        (no_decay if excluded else decay).append(p)
-    groups = [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": cfg.weight_decay}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
-
-
-class MetricsLog:
-    """metrics.jsonl (one JSON object per line) + TensorBoard events in the run directory."""
-
-    def __init__(self, run_dir: Path, resume_step: int | None) -> None:
-        self.path = run_dir / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():  # drop lines logged after the checkpoint
-            kept = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln and json.loads(ln).get("step", 0) <= resume_step
-            ]
-            write_text_atomic(self.path, "".join(ln + "\n" for ln in kept))
-        elif self.path.exists():
-            self.path.unlink()
-        self.fh = open(self.path, "a")
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tb = SummaryWriter(log_dir=str(run_dir))
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.fh.write(json.dumps(record) + "\n")
-        self.fh.flush()
-        step = record.get("step", 0)
-        for k, v in _flatten(record).items():
-            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        self.fh.close()
-        self.tb.close()
-
-
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        key = f"{prefix}/{k}" if prefix else k
-        if isinstance(v, dict):
-            out.update(_flatten(v, key))
-        else:
-            out[key] = v
-    return out
 
 
 class Trainer:
@@ -226,7 +72,14 @@ class Trainer:
             for k, v in SIGLIP_INIT.items():
                 self.model_cfg.setdefault(k, v)
         self.model = build_model(self.spec, self.model_cfg, load_hf_weights=self.resume_state is None)
-        self.model.to(self.device)
+        if cfg.accum_steps > 1 and any(isinstance(m, _BatchNorm) for m in self.model.modules()):
+            raise UserError(
+                f"--accum-steps {cfg.accum_steps}: --model {cfg.model} has BatchNorm layers, whose "
+                "statistics differ per micro-batch, so accumulation cannot be exact; use --accum-steps 1"
+            )
+        # train mode throughout: Hugging Face towers come out of from_pretrained in eval mode, which left
+        # their dropout off until the first validation switched it on
+        self.model.to(self.device).train()
         if self.resume_state is not None:
             self.model.load_state_dict(self.resume_state["model"])
         D.broadcast_params(self.model)
@@ -235,6 +88,9 @@ class Trainer:
             self.model, self.tokenizer, self.model_cfg, self.device, name=self.run_dir.name
         )
         self.autocast_dtype = resolve_precision(cfg.precision, self.device)
+        if self.fsdp and self.autocast_dtype == torch.float16:
+            raise UserError("--precision fp16 with --fsdp: the loss scaler is not shard-aware; use bf16")
+        self.scaler = make_grad_scaler(self.autocast_dtype, self.device)
         self.encoder.autocast_dtype = self.autocast_dtype
         self.aug = AugmentConfig(cfg.aug_crop_scale, cfg.aug_flip, cfg.aug_color, cfg.aug_word_drop)
         self.towers = None
@@ -251,6 +107,8 @@ class Trainer:
                 fsdp.load_optimizer_state(self.towers, self.optimizer, self.resume_state["optimizer"])
             else:
                 self.optimizer.load_state_dict(self.resume_state["optimizer"])
+            if self.scaler is not None and self.resume_state.get("scaler"):
+                self.scaler.load_state_dict(self.resume_state["scaler"])
         self._eval_copy: Encoder | None = None
         self._features = self._forward_features
         if cfg.compile:
@@ -295,42 +153,50 @@ class Trainer:
         """uint8 → float [0,1] on the device, augmented; `offset` = local position in the rank's batch."""
         x = images.to(self.device, non_blocking=True).float().div_(255)
         if self.aug.images_enabled:
-            gen = torch.Generator().manual_seed(_seed(self.cfg.seed, step, 11))
+            gen = torch.Generator().manual_seed(stable_seed(self.cfg.seed, step, 11))
             start = self.dist.rank * (self.cfg.batch_size // self.dist.world_size) + offset
             x = augment_images(x, self.aug, gen, offset=start, total=self.cfg.batch_size)
         return x
 
-    def train_step(self, step: int, images: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:
-        """One optimiser step; returns (loss averaged over ranks, temperature)."""
+    def backward(
+        self, step: int, images: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Accumulate the gradient of the step's loss into .grad (scaled under fp16); returns (loss,
+        temperature)."""
         tokens = tokens.to(self.device, non_blocking=True)
         k = self.cfg.accum_steps
-        self.optimizer.zero_grad(set_to_none=True)
+        scale_loss = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
         if k == 1:
             img, txt, scale, bias = self._features(self._pixels(images, step, 0), tokens)
             loss = contrastive_loss(self.cfg.objective, img, txt, scale, bias)
-            loss.backward()
-        else:  # GradCache: features of every micro-batch first, loss over the whole batch, then re-forward
-            im_chunks, tok_chunks = images.chunk(k), tokens.chunk(k)
-            micro = len(im_chunks[0])
-            with torch.no_grad():
-                feats = [
-                    self._features(self._pixels(im, step, i * micro), tk)
-                    for i, (im, tk) in enumerate(zip(im_chunks, tok_chunks, strict=True))
-                ]
-            img_all = torch.cat([f[0] for f in feats]).requires_grad_()
-            txt_all = torch.cat([f[1] for f in feats]).requires_grad_()
-            scale, bias = self.model.logit_scale.exp(), self.model.logit_bias
-            loss = contrastive_loss(self.cfg.objective, img_all, txt_all, scale, bias)
-            loss.backward()
-            g_img, g_txt = img_all.grad.chunk(k), txt_all.grad.chunk(k)
-            for i, (im, tk) in enumerate(zip(im_chunks, tok_chunks, strict=True)):
-                img, txt, _, _ = self._features(self._pixels(im, step, i * micro), tk)
-                torch.autograd.backward([img, txt], [g_img[i], g_txt[i]])
+            scale_loss(loss).backward()
+            return loss, scale
+        im_chunks, tok_chunks = images.chunk(k), tokens.chunk(k)
+        micro = len(im_chunks[0])
+        scale, bias = self.model.logit_scale.exp(), self.model.logit_bias
+        loss = cached_feature_backward(  # pixels made per forward (seeded): one micro-batch in memory
+            lambda i: self._features(self._pixels(im_chunks[i], step, i * micro), tok_chunks[i]),
+            [(t,) for t in tok_chunks],
+            lambda img, txt: contrastive_loss(self.cfg.objective, img, txt, scale, bias),
+            scale_loss,
+        )
+        return loss, scale
+
+    def train_step(self, step: int, images: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:
+        """One optimiser step; returns (loss averaged over ranks, temperature)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss, scale = self.backward(step, images, tokens)
         if not self.fsdp:  # FSDP reduce-scatters (and averages) gradients itself
             D.all_reduce_mean_grads(self.params, self.dist.world_size)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the scaled one
         if self.cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip)
-        self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skipped when the gradients overflowed
+            self.scaler.update()
+        else:
+            self.optimizer.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
         return D.mean_over_ranks(loss.item(), self.device), float(scale.detach().float().reshape(-1)[0])
@@ -361,7 +227,7 @@ class Trainer:
             if data.stats.total():
                 print(f"data: {data.stats.summary()}")
         D.barrier()
-        progress = _Progress(total, start, enabled=main and cfg.progress)
+        progress = Progress(total, start, enabled=main and cfg.progress)
         pool = ThreadPoolExecutor(1)
         nxt = pool.submit(batcher.get, start) if start < total else None
         t_last, n_since, loss_sum = time.perf_counter(), 0, 0.0
@@ -450,74 +316,10 @@ class Trainer:
                 "model": model_state,
                 "optimizer": optim_state,
                 "fsdp": self.fsdp,
+                "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "step": step,
                 "config": self.cfg.to_dict(),
                 "torch": str(torch.__version__),
             }
             save_checkpoint(state, self.ckpt_dir, step, keep=self.cfg.keep_checkpoints)
         D.barrier()
-
-
-class _Progress:
-    """A rich progress bar with loss, samples/s and ETA (rank 0 only)."""
-
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
-        self.enabled = enabled
-        if not enabled:
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        self.p = Progress(
-            TextColumn("train"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[sps]} samples/s"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        self.task = self.p.add_task("train", total=total, completed=start, loss="-", sps="-")
-        self.t0, self.n0 = time.perf_counter(), 0
-        self.p.start()
-
-    def update(self, done: int, loss: float, batch: int) -> None:
-        if not self.enabled:
-            return
-        self.n0 += batch
-        sps = self.n0 / max(1e-9, time.perf_counter() - self.t0)
-        self.p.update(self.task, completed=done, loss=f"{loss:.4f}", sps=f"{sps:.0f}")
-
-    def close(self) -> None:
-        if self.enabled:
-            self.p.stop()
-
-
-def plot_loss_curve(metrics: Path, out: Path) -> None:
-    """loss.png from metrics.jsonl (training loss, and validation R@1 where logged)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(ln) for ln in metrics.read_text().splitlines() if ln.strip()]
-    pts = [(r["step"], r["loss"]) for r in rows if "loss" in r]
-    vals = [
-        (r["step"], r["val"]["retrieval"]["t2i"]["R@1"])
-        for r in rows
-        if "val" in r and "retrieval" in r["val"]
-    ]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    if pts:
-        ax.plot(*zip(*pts, strict=True), label="train loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    if vals:
-        ax2 = ax.twinx()
-        ax2.plot(*zip(*vals, strict=True), "o-", color="tab:orange", label="val t2i R@1")
-        ax2.set_ylabel("R@1")
-    ax.set_title(metrics.parent.name)
-    fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, out)

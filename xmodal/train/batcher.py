@@ -1,0 +1,88 @@
+"""Deterministic batches: their content depends only on (seed, step, rank), so a resumed run sees the
+same data order and each rank takes its slice of the same global batch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from xmodal.data import ImageTextData
+from xmodal.data.augment import drop_words
+from xmodal.errors import UserError
+from xmodal.train import distributed as D
+from xmodal.train.config import TrainConfig
+
+
+def stable_seed(*parts: int) -> int:
+    """A 63-bit seed from integers, stable across processes (unlike hash())."""
+    h = 1469598103934665603
+    for p in parts:
+        h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
+    return h
+
+
+class Batcher:
+    """Batches whose content depends only on (seed, step, rank): the same data order after a resume,
+    and each rank takes its slice of the same global batch."""
+
+    def __init__(self, data: ImageTextData, tokenizer: Any, cfg: TrainConfig, dist: D.DistInfo) -> None:
+        self.data, self.tokenizer, self.cfg, self.dist = data, tokenizer, cfg, dist
+        self.n = len(data)
+        self.global_batch = cfg.batch_size
+        if self.global_batch % dist.world_size:
+            raise UserError(
+                f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes"
+            )
+        self.local_batch = self.global_batch // dist.world_size
+        if self.local_batch % cfg.accum_steps:
+            raise UserError(
+                f"--accum-steps {cfg.accum_steps} must divide the per-process batch {self.local_batch}"
+            )
+        self.steps_per_epoch = self.n // self.global_batch
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"--data {cfg.data}: {self.n} usable samples, fewer than --batch-size {cfg.batch_size}"
+            )
+        self.flat_captions = [c for caps in data.captions for c in caps]
+        counts = torch.tensor([len(c) for c in data.captions])
+        self.cap_count = counts
+        self.cap_start = torch.cumsum(counts, 0) - counts
+        self.tokens = None if cfg.aug_word_drop > 0 else self._tokenize(self.flat_captions)
+        self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def _tokenize(self, texts: list[str]) -> torch.Tensor:
+        chunks = [self.tokenizer(texts[i : i + 8192]) for i in range(0, len(texts), 8192)]
+        return torch.cat(chunks)
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images b×3×S×S, tokens b×L) for this rank at `step`. Every random choice is made for
+        the whole global batch (or per global position), so ranks see exactly their slice of it."""
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if epoch != self._perm_epoch:
+            self._perm = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(stable_seed(self.cfg.seed, epoch))
+            )
+            self._perm_epoch = epoch
+        idx = self._perm[j * self.global_batch : (j + 1) * self.global_batch]
+        gen = torch.Generator().manual_seed(stable_seed(self.cfg.seed, step, 7))
+        choice = (torch.rand(len(idx), generator=gen) * self.cap_count[idx]).long()
+        start = self.dist.rank * self.local_batch
+        rows = slice(start, start + self.local_batch)
+        local, cap_idx = idx[rows], (self.cap_start[idx] + choice)[rows]
+        if self.tokens is not None:
+            tokens = self.tokens[cap_idx]
+        else:
+            texts = [
+                drop_words(
+                    self.flat_captions[c],
+                    self.cfg.aug_word_drop,
+                    torch.Generator().manual_seed(stable_seed(self.cfg.seed, step, start + i, 13)),
+                )
+                for i, c in enumerate(cap_idx.tolist())
+            ]
+            tokens = self.tokenizer(texts)
+        return self.data.images[local], tokens
