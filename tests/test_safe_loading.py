@@ -1,0 +1,69 @@
+"""Loading never executes code: a checkpoint or --pretrained file holding a pickled object that would run
+code is refused with a one-line error, and the code never runs."""
+
+import torch
+
+from tests.conftest import run_cli
+
+
+class _CreatesAFile:
+    """Unpickling this calls open(path, "w"): the file appears if the loader executes pickled code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _one_line_error(p, needle):
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in p.stderr, p.stderr
+
+
+def test_crafted_checkpoint_and_pretrained_file_are_refused_not_executed(tiny_manifest, tmp_path):
+    run = tmp_path / "run"
+    common = [
+        "--data",
+        str(tiny_manifest),
+        "--model",
+        "xm-micro",
+        "--precision",
+        "fp32",
+        "--no-progress",
+        "--batch-size",
+        "8",
+    ]
+    run_cli("train", *common, "--steps", "1", "--out", str(run))
+    marker = tmp_path / "pwned"
+    latest = run / "checkpoints" / "latest.pt"
+    real = torch.load(latest, weights_only=True)
+    latest.unlink()  # a hard link to step_1.pt: write a new file instead of through the link
+    torch.save({**real, "model": _CreatesAFile(marker)}, latest)
+
+    _one_line_error(run_cli("eval", str(run), "--data", str(tiny_manifest), check=False), "latest.pt")
+    _one_line_error(run_cli("export", str(run), str(tmp_path / "exp"), check=False), "latest.pt")
+    _one_line_error(
+        run_cli("train", *common, "--steps", "2", "--out", str(run), "--resume", check=False), "latest.pt"
+    )
+    crafted = tmp_path / "weights.pt"
+    torch.save({"state_dict": _CreatesAFile(marker)}, crafted)
+    _one_line_error(
+        run_cli(
+            "train",
+            *common,
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "r2"),
+            "--pretrained",
+            str(crafted),
+            check=False,
+        ),
+        "--pretrained",
+    )
+    assert not marker.exists()
+    # the same files load when they hold weights only
+    torch.save(real, latest)
+    run_cli("eval", str(run), "--data", str(tiny_manifest))
