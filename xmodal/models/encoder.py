@@ -26,9 +26,21 @@ RANDOM_INIT_SEED = 0
 
 
 def pick_device(device: str | None = None) -> torch.device:
+    """auto (CUDA where there is one, else the CPU), cpu, cuda or cuda:N; UserError for anything else."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {device}: use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: this machine has no usable CUDA GPU; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA devices")
+    return dev
 
 
 class Encoder:

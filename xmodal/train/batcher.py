@@ -3,6 +3,8 @@ same data order and each rank takes its slice of the same global batch."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import torch
@@ -20,6 +22,15 @@ def stable_seed(*parts: int) -> int:
     for p in parts:
         h = ((h ^ (p & 0xFFFFFFFFFFFF)) * 1099511628211) & 0x7FFFFFFFFFFFFFFF
     return h
+
+
+def data_fingerprint(data: ImageTextData) -> str:
+    """What the data order depends on (sample keys and captions, in order), hashed: a resume on other
+    data would silently continue a different run."""
+    h = hashlib.sha256()
+    for key, caps in zip(data.keys, data.captions, strict=True):
+        h.update(json.dumps([key, caps], ensure_ascii=False).encode())
+    return h.hexdigest()[:16]
 
 
 class Batcher:

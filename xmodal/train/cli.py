@@ -14,16 +14,28 @@ def train(
     out: str | None = typer.Option(None, help="Run directory (checkpoints, metrics, config)."),
     config: str | None = typer.Option(None, help="YAML file of options; flags given here win."),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/latest.pt."),
+    resume_override: bool = typer.Option(
+        False, help="Resume even though --batch-size, --seed or the data differ from the run's."
+    ),
     val: str | None = typer.Option(None, help="Validation manifest, evaluated every --eval-every steps."),
     model: str | None = typer.Option(
         None, help="open_clip config name (e.g. xm-tiny, ViT-B-32) or JSON file."
     ),
     pretrained: str | None = typer.Option(None, help="Local checkpoint to start from."),
     hf_text: str | None = typer.Option(None, help="Local Hugging Face model dir used as the text tower."),
+    hf_pooler: str | None = typer.Option(
+        None, help="Pooling of a HF text tower: mean_pooler, cls_pooler, cls_last_hidden_state_pooler…"
+    ),
     lock_image: bool | None = typer.Option(
         None, "--lock-image/--no-lock-image", help="Freeze the image tower (LiT)."
     ),
+    lock_image_unlocked_groups: int | None = typer.Option(
+        None, help="With --lock-image: the last N layer groups still train."
+    ),
     lock_text: bool | None = typer.Option(None, "--lock-text/--no-lock-text", help="Freeze the text tower."),
+    lock_text_unlocked_layers: int | None = typer.Option(
+        None, help="With --lock-text: the last N transformer layers still train."
+    ),
     objective: str | None = typer.Option(None, help="clip (InfoNCE) or siglip (sigmoid)."),
     batch_size: int | None = typer.Option(None, help="Global batch = the negatives each sample sees."),
     accum_steps: int | None = typer.Option(
@@ -35,6 +47,9 @@ def train(
     min_lr: float | None = typer.Option(None),
     warmup: int | None = typer.Option(None, help="Linear warm-up steps before the cosine decay."),
     weight_decay: float | None = typer.Option(None),
+    beta1: float | None = typer.Option(None, help="AdamW beta1 (default 0.9)."),
+    beta2: float | None = typer.Option(None, help="AdamW beta2 (default 0.98)."),
+    eps: float | None = typer.Option(None, help="AdamW epsilon (default 1e-6)."),
     grad_clip: float | None = typer.Option(None, help="Max gradient norm (0 = off)."),
     precision: str | None = typer.Option(None, help="auto | fp32 | bf16 | fp16 (CUDA only)."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the towers."),
@@ -54,20 +69,21 @@ def train(
     log_every: int | None = typer.Option(None),
     save_every: int | None = typer.Option(None, help="Checkpoint every N steps (and at the end)."),
     keep_checkpoints: int | None = typer.Option(None),
-    eval_every: int | None = typer.Option(None, help="Validate every N steps (needs --val)."),
+    eval_every: int | None = typer.Option(
+        None, help="Validate every N steps (needs --val); with --val alone, once at the end."
+    ),
     progress: bool | None = typer.Option(None, "--progress/--no-progress"),
 ) -> None:
     """Train an image-text embedding model."""
-    overrides = {k: v for k, v in locals().items() if k not in ("config", "resume")}
+    overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "resume_override")}
     from xmodal.train.config import load_run_config, resolve_config
     from xmodal.train.trainer import Trainer
 
+    saved = None
     if resume and out and config is None and (Path(out) / "config.yaml").is_file():
-        saved = load_run_config(Path(out))["train"]
-        saved.update({k: v for k, v in overrides.items() if v is not None})
-        overrides = saved
-    cfg = resolve_config(config, overrides)
-    trainer = Trainer(cfg, resume=resume)
+        saved = load_run_config(Path(out))["train"]  # the run's own options; flags given now win
+    cfg = resolve_config(config, overrides, base=saved)
+    trainer = Trainer(cfg, resume=resume, resume_override=resume_override)
     run = trainer.fit()
     if trainer.dist.is_main:
         typer.echo(f"run: {run}")

@@ -3,7 +3,9 @@ with the run (config.yaml) so that a run can be resumed, evaluated and exported 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +24,11 @@ class TrainConfig:
     model: str = "xm-tiny"
     pretrained: str | None = None
     hf_text: str | None = None
+    hf_pooler: str = "mean_pooler"  # how a Hugging Face text tower pools its tokens (open_clip's poolers)
     lock_image: bool = False
     lock_text: bool = False
+    lock_image_unlocked_groups: int = 0  # LiT: the last N layer groups of a locked image tower still train
+    lock_text_unlocked_layers: int = 0  # the last N layers of a locked text tower still train
     objective: str = "clip"  # clip | siglip
     # optimisation
     batch_size: int = 128  # global batch (all ranks, all accumulation steps): the set of negatives
@@ -59,13 +64,58 @@ class TrainConfig:
     keep_checkpoints: int = 3
     eval_every: int = 0
     progress: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+FIELD_TYPES = typing.get_type_hints(TrainConfig)
+PROBABILITIES = ("aug_flip", "aug_word_drop")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+OBJECTIVES = ("clip", "siglip")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def coerce(name: str, value: Any) -> Any:
+    """`value` as the type of field `name`; UserError naming the key otherwise. YAML reads `lr: 1e-3` as
+    the string '1e-3' (it wants `1.0e-3`), so numbers written as strings are converted."""
+    typ = FIELD_TYPES[name]
+    optional = isinstance(typ, types.UnionType) and type(None) in typing.get_args(typ)
+    if optional:
+        if value is None:
+            return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[typ]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(value, str):
+        return value
+    raise UserError(f"{name}: expected {want}, got {value!r}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -78,19 +128,27 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise UserError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(raw, dict):
         raise UserError(f"--config {path}: expected a mapping of option: value")
-    raw = {k.replace("-", "_"): v for k, v in raw.items()}
+    raw = {str(k).replace("-", "_"): v for k, v in raw.items()}
     unknown = sorted(set(raw) - FIELD_NAMES)
     if unknown:
         raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
-    return raw
+    try:
+        return {k: coerce(k, v) for k, v in raw.items()}
+    except UserError as e:
+        raise UserError(f"--config {path}: {e}") from None
 
 
-def resolve_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
-    """defaults < YAML < flags (flags given as None are 'not set')."""
+def resolve_config(
+    yaml_path: str | None, overrides: dict[str, Any], base: dict[str, Any] | None = None
+) -> TrainConfig:
+    """defaults < `base` (a resumed run's saved options) < YAML < flags (flags given as None are 'not
+    set'). Every value is converted to its field's type."""
     values: dict[str, Any] = {}
+    if base:
+        values.update({k: coerce(k, v) for k, v in base.items() if k in FIELD_NAMES})
     if yaml_path:
         values.update(load_yaml(yaml_path))
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update({k: coerce(k, v) for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
@@ -99,10 +157,10 @@ def resolve_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainCon
 def validate(cfg: TrainConfig) -> None:
     if not cfg.data:
         raise UserError("--data is required: a manifest (JSONL/CSV/TSV), image folder or .tar shards")
-    if cfg.objective not in ("clip", "siglip"):
-        raise UserError(f"--objective {cfg.objective}: use clip or siglip")
-    if cfg.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise UserError(f"--precision {cfg.precision}: use auto, fp32, bf16 or fp16")
+    if cfg.objective not in OBJECTIVES:
+        raise UserError(f"--objective {cfg.objective}: use {' or '.join(OBJECTIVES)}")
+    if cfg.precision not in PRECISIONS:
+        raise UserError(f"--precision {cfg.precision}: use {', '.join(PRECISIONS)}")
     if cfg.batch_size < 2:
         raise UserError("--batch-size must be at least 2 (contrastive losses need negatives)")
     if cfg.accum_steps < 1 or cfg.batch_size % cfg.accum_steps:
@@ -113,6 +171,27 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--lr must be positive")
     if not 0 < cfg.aug_crop_scale <= 1:
         raise UserError("--aug-crop-scale must be in (0, 1]")
+    for name in PROBABILITIES:
+        if not 0 <= getattr(cfg, name) <= 1:
+            raise UserError(f"{_flag(name)} {getattr(cfg, name)}: a probability, in [0, 1]")
+    at_least = {
+        "log_every": 1,
+        "save_every": 1,
+        **dict.fromkeys(("keep_checkpoints", "eval_every", "warmup"), 0),
+        **dict.fromkeys(("lock_image_unlocked_groups", "lock_text_unlocked_layers"), 0),
+        **dict.fromkeys(("aug_color", "weight_decay", "grad_clip", "min_lr"), 0.0),
+    }
+    for name, low in at_least.items():
+        if getattr(cfg, name) < low:
+            raise UserError(f"{_flag(name)} {getattr(cfg, name)}: must be ≥ {low}")
+    for name in ("epochs", "eps"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"{_flag(name)} {getattr(cfg, name)}: must be positive")
+    for name in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, name) < 1:
+            raise UserError(f"{_flag(name)} {getattr(cfg, name)}: Adam's betas are in [0, 1)")
+    if cfg.eval_every and not cfg.val:
+        raise UserError("--eval-every needs --val (a validation manifest)")
 
 
 def save_config(

@@ -23,7 +23,7 @@ from xmodal.models.encoder import pick_device
 from xmodal.models.text import encode_text
 from xmodal.objectives import contrastive_loss
 from xmodal.train import distributed as D
-from xmodal.train.batcher import Batcher, stable_seed
+from xmodal.train.batcher import Batcher, data_fingerprint, stable_seed
 from xmodal.train.checkpoint import load_checkpoint, save_checkpoint
 from xmodal.train.config import TrainConfig, save_config
 from xmodal.train.gradcache import cached_feature_backward
@@ -33,11 +33,12 @@ from xmodal.train.precision import make_grad_scaler, resolve_precision
 
 # Crash tests need a run slow enough to kill mid-way; nothing else should set this.
 _STEP_DELAY = float(os.environ.get("XMODAL_TEST_STEP_DELAY", "0"))
+RESUME_MUST_MATCH = ("batch_size", "seed")  # and the data itself: see `data_fingerprint`
 SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, resume_override: bool = False) -> None:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.dist = D.init_distributed(self.device.type)
@@ -48,15 +49,30 @@ class Trainer:
         latest = self.ckpt_dir / "latest.pt"
         if latest.exists() and not resume:
             raise UserError(f"--out {cfg.out}: run already has checkpoints; add --resume or pick a new --out")
-        self.resume_state = load_checkpoint(latest) if resume and latest.exists() else None
+        if resume and not latest.exists():
+            raise UserError(f"--resume: {latest} does not exist; drop --resume to start a new run")
+        self.resume_state = load_checkpoint(latest) if resume else None
+        self.resume_override = resume_override
+        self.data_fingerprint: str | None = None  # set by fit() once the data is loaded
+        if self.resume_state is not None and not resume_override:
+            saved = self.resume_state.get("config", {})
+            for name in RESUME_MUST_MATCH:
+                if name in saved and saved[name] != getattr(cfg, name):
+                    raise UserError(
+                        f"--resume: --{name.replace('_', '-')} {getattr(cfg, name)} differs from the run's "
+                        f"{saved[name]}, so the data order would change; keep it, or add --resume-override"
+                    )
 
         torch.manual_seed(cfg.seed)
         self.spec = ModelSpec(
             name=cfg.model,
             pretrained=cfg.pretrained,
             hf_text=cfg.hf_text,
+            hf_pooler=cfg.hf_pooler,
             lock_image=cfg.lock_image,
             lock_text=cfg.lock_text,
+            lock_image_unlocked_groups=cfg.lock_image_unlocked_groups,
+            lock_text_unlocked_layers=cfg.lock_text_unlocked_layers,
         )
         self.model_cfg = resolve_model_config(self.spec)
         self.fsdp = cfg.fsdp
@@ -206,6 +222,13 @@ class Trainer:
         cfg, main = self.cfg, self.dist.is_main
         data = self._load(cfg.data)
         val = self._load(cfg.val) if cfg.val else None
+        self.data_fingerprint = data_fingerprint(data)
+        saved_fp = (self.resume_state or {}).get("data_fingerprint")
+        if saved_fp and saved_fp != self.data_fingerprint and not self.resume_override:
+            raise UserError(
+                f"--resume: --data {cfg.data} is not the data this run was trained on (other samples or "
+                "captions); resume with the run's data, or add --resume-override"
+            )
         batcher = Batcher(data, self.tokenizer, cfg, self.dist)
         total = cfg.steps or max(1, int(cfg.epochs * batcher.steps_per_epoch))
         start = int(self.resume_state["step"]) if self.resume_state else 0
@@ -260,7 +283,7 @@ class Trainer:
                         }
                     )
                     t_last, n_since, loss_sum = now, 0, 0.0
-                if val is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == total):
+                if val is not None and (done == total or (cfg.eval_every and done % cfg.eval_every == 0)):
                     encoder = self._eval_encoder()  # collective under FSDP
                     if main:
                         log.write({"step": done, "val": self.validate(encoder, val)})
@@ -316,6 +339,7 @@ class Trainer:
                 "model": model_state,
                 "optimizer": optim_state,
                 "fsdp": self.fsdp,
+                "data_fingerprint": self.data_fingerprint,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "step": step,
                 "config": self.cfg.to_dict(),
