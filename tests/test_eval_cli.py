@@ -92,6 +92,8 @@ def test_cli_eval_all_writes_json_and_report(tmp_path):
     assert res["robustness"]["pgd"]["n_images"] == 8
     assert {"typo", "attribute", "noise", "blur", "jpeg"} <= set(res["robustness"])
     assert res["meta"]["n_images"] == 12 and res["meta"]["n_texts"] == 24
+    # a config name without --pretrained is a random init: said on stderr and recorded in the JSON
+    assert res["meta"]["random_init"] is True and "warning: xm-micro" in proc.stderr
     assert json.loads((tmp_path / "rep" / "results.json").read_text())["retrieval"] == res["retrieval"]
     assert (tmp_path / "rep" / "index.html").stat().st_size > 1000
     assert "R@1" in proc.stdout  # the rich table

@@ -1,6 +1,8 @@
 """Loading never executes code: a checkpoint or --pretrained file holding a pickled object that would run
 code is refused with a one-line error, and the code never runs."""
 
+import json
+
 import torch
 
 from tests.conftest import run_cli
@@ -66,4 +68,6 @@ def test_crafted_checkpoint_and_pretrained_file_are_refused_not_executed(tiny_ma
     assert not marker.exists()
     # the same files load when they hold weights only
     torch.save(real, latest)
-    run_cli("eval", str(run), "--data", str(tiny_manifest))
+    p = run_cli("eval", str(run), "--data", str(tiny_manifest), "--json", str(tmp_path / "e.json"))
+    assert json.loads((tmp_path / "e.json").read_text())["meta"]["random_init"] is False
+    assert "warning" not in p.stderr

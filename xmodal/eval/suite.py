@@ -96,6 +96,7 @@ def evaluate(
         ctx.log(f"{name} done in {timings[name]:.2f}s")
     results["meta"] = {
         "model": str(getattr(encoder, "name", type(encoder).__name__)),
+        "random_init": bool(getattr(encoder, "random_init", False)),
         "data": str(getattr(data, "source", "") or ""),
         "n_images": cache.n_images,
         "n_texts": cache.n_texts,

@@ -8,6 +8,7 @@ cropped to the model's size (see `xmodal.data`), which equals open_clip's own tr
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -54,8 +55,10 @@ class Encoder:
         device: torch.device | str = "cpu",
         name: str = "model",
         autocast_dtype: torch.dtype | None = None,
+        random_init: bool = False,
     ) -> None:
         self.model = model
+        self.random_init = random_init  # no weights were loaded: results from it mean nothing
         self.tokenizer = tokenizer
         self.model_cfg = model_cfg
         self.device = torch.device(device)
@@ -131,6 +134,7 @@ def load_encoder(
     open_clip_model.pt), or an open_clip config name / JSON with `pretrained` local weights."""
     dev = pick_device(device)
     src = Path(source)
+    random_init = False
     if src.is_dir() and (src / "config.yaml").is_file():  # xmodal run
         cfg = yaml.safe_load((src / "config.yaml").read_text())
         ckpt = Path(checkpoint) if checkpoint else src / "checkpoints" / "latest.pt"
@@ -162,5 +166,14 @@ def load_encoder(
             torch.manual_seed(RANDOM_INIT_SEED)
             model = build_model(spec, model_cfg)
         name = src.stem
+        random_init = not pretrained
+        if random_init:
+            print(
+                f"warning: {source} is a model config without weights (no --pretrained): a seeded random "
+                "initialisation, whose results mean nothing",
+                file=sys.stderr,
+            )
     model.to(dev).eval()
-    return Encoder(model, build_tokenizer(model_cfg), model_cfg, device=dev, name=name)
+    return Encoder(
+        model, build_tokenizer(model_cfg), model_cfg, device=dev, name=name, random_init=random_init
+    )
