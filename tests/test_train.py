@@ -25,7 +25,7 @@ def losses(run: Path) -> dict[int, float]:
 
 
 def weights(run: Path) -> dict[str, torch.Tensor]:
-    return torch.load(run / "checkpoints" / "latest.pt", weights_only=False)["model"]
+    return torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["model"]
 
 
 def max_weight_diff(a: Path, b: Path) -> float:
