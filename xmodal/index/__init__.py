@@ -1,8 +1,15 @@
 """Cross-modal search indexes: embed a collection, store it as FAISS + metadata, search it (with optional
-hubness correction), keep it up to date. See docs/search.md."""
+hubness correction), keep it up to date. See docs/search.md.
 
-from xmodal.index.build import add_bank, add_to_index, build_index, delete_from_index
+The build functions (which embed with the model, so import torch) load on first use: importing
+`xmodal.index` or opening an index for vector search needs only faiss, numpy and pyarrow.
+"""
+
+from typing import Any
+
 from xmodal.index.store import KINDS, NORMS, SearchIndex, open_index
+
+_BUILD = ("add_bank", "add_to_index", "build_index", "delete_from_index")
 
 __all__ = [
     "KINDS",
@@ -14,3 +21,11 @@ __all__ = [
     "delete_from_index",
     "open_index",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _BUILD:
+        from xmodal.index import build
+
+        return getattr(build, name)
+    raise AttributeError(f"module 'xmodal.index' has no attribute {name!r}")

@@ -13,17 +13,14 @@ import pyarrow as pa
 
 from xmodal import fsutil
 from xmodal.errors import UserError
+from xmodal.index.ann import KINDS
 from xmodal.index.binary import METHODS as BINARY_METHODS
 from xmodal.index.embed import MAX_PIXELS, embed_collection, to_collection
-from xmodal.index.store import (
-    DEFAULT_BETA,
-    KINDS,
-    SearchIndex,
-    Thumbs,
-    new_info,
-    open_index,
-    rows_to_table,
-)
+from xmodal.index.folding import DEFAULT_BETA
+from xmodal.index.meta import new_info, rows_to_table
+from xmodal.index.persist import open_index
+from xmodal.index.store import SearchIndex
+from xmodal.index.thumbs import Thumbs
 
 
 def _log(msg: str) -> None:
@@ -110,11 +107,11 @@ def build_index(
             log("skipped: " + ", ".join(f"{v} {k}" for k, v in sorted(skipped.items())))
         from xmodal.index.model import describe_source
 
-        model = (
-            describe_source(model_source, pretrained) | {"name": getattr(encoder, "name", None)}
-            if model_source
-            else {"name": getattr(encoder, "name", None), "source": None, "pretrained": None}
-        )
+        model: dict[str, Any] = {"name": getattr(encoder, "name", None), "source": None, "pretrained": None}
+        if model_source:
+            model |= describe_source(model_source, pretrained)
+        elif getattr(encoder, "random_init", None) is not None:
+            model["random_init"] = bool(encoder.random_init)
         info = new_info(
             kind,
             int(encoder.dim),

@@ -56,9 +56,14 @@ def build_cmd(
 
     _check_kind(kind, bits, binary_method, rerank)
     source_kind(data)  # fail on a missing/unknown --data before the (slow) model load
-    if not has_weights(model, pretrained):
-        print(f"note: {model} has no weights (no --pretrained); using a seeded random init", file=sys.stderr)
     enc = load_encoder(model, pretrained, device)
+    if not has_weights(model, pretrained) and not hasattr(enc, "random_init"):
+        # Today's load_encoder warns itself (and sets Encoder.random_init); this covers one that does not.
+        print(
+            f"warning: {model} has no weights (no --pretrained): the index embeds with a random init, whose "
+            'results mean nothing; index.json records "random_init": true',
+            file=sys.stderr,
+        )
     build_index(
         enc,
         data,
@@ -139,7 +144,7 @@ def bank_cmd(
 @index_app.command("info")
 def info_cmd(index: Path = typer.Argument(..., help="Index directory.")) -> None:
     """Print index.json."""
-    from xmodal.index.store import open_index
+    from xmodal.index.persist import open_index
 
     idx = open_index(index)
     print(json.dumps(idx.info, indent=2, ensure_ascii=False))
@@ -161,7 +166,7 @@ def search_cmd(
     pretrained: str = typer.Option(None, "--pretrained"),
 ) -> None:
     """Search an index by text or by image."""
-    from xmodal.index.store import open_index
+    from xmodal.index.persist import open_index
 
     if (query is None) == (image is None):
         raise UserError("give either a text QUERY or --image PATH")

@@ -33,6 +33,7 @@ from collections.abc import Callable
 import numpy as np
 
 METHODS = ("none", "qbnorm", "qbnorm-dynamic", "dbnorm", "dbnorm-dynamic", "invgc", "localadj")
+INVGC_CHUNK = 4096  # gallery rows per InvGC block (memory only: results are the same for any value)
 
 
 # -- building blocks ---------------------------------------------------------------------------------
@@ -153,8 +154,10 @@ def _l2n(x: np.ndarray) -> np.ndarray:
 
 
 def _invgc_message(
-    gallery: np.ndarray, bank: np.ndarray, r: float, local_adj: bool, pool_rate: float
+    gallery: np.ndarray, bank: np.ndarray, r: float, local_adj: bool, pool_rate: float, mean_w: float
 ) -> np.ndarray:
+    """One bank's InvGC message for a chunk of gallery rows. `mean_w` is the mean similarity over the whole
+    gallery × bank (full InvGC centres its weights on it), so the result never depends on the chunk."""
     w = gallery @ bank.T  # G×B
     if local_adj:
         p = max(1, int(pool_rate * len(bank)))
@@ -167,7 +170,7 @@ def _invgc_message(
         np.put_along_axis(sparse, idx, np.take_along_axis(w, idx, axis=1), axis=1)
         delta = -(sparse @ bank) / p * r
     else:
-        delta = -((w - w.mean()) @ bank) / len(bank) * r
+        delta = -((w - mean_w) @ bank) / len(bank) * r
     return _l2n(gallery + delta)
 
 
@@ -179,25 +182,30 @@ def invgc(
     r_g: float = 0.1,
     local_adj: bool = True,
     pool_rate: float = 0.01,
-    chunk: int = 4096,
+    chunk: int | None = None,
 ) -> np.ndarray:
     """InvGC (``local_adj=False``) or InvGC with LocalAdj on gallery embeddings (G×D) → new G×D,
     L2-normalised.
 
     Each gallery vector moves away from the (top ``pool_rate`` fraction of, with LocalAdj) bank vectors it
     is similar to, with rate r_q for the query bank and r_g for the gallery bank; with both banks the two
-    messages are averaged, as in the official implementation."""
+    messages are averaged, as in the official implementation. Full InvGC centres the weights on the mean
+    similarity over the whole gallery and bank; `chunk` (default INVGC_CHUNK) only bounds memory."""
     if query_bank is None and gallery_bank is None:
         raise ValueError("invgc needs a query bank, a gallery bank, or both")
     gallery = np.asarray(gallery, dtype=np.float64)
+    chunk = int(chunk or INVGC_CHUNK)
+    banks = [
+        (np.asarray(b, np.float64), r) for b, r in ((gallery_bank, r_g), (query_bank, r_q)) if b is not None
+    ]
+    # mean over all G×B similarities without the G×B matrix: mean⟨g,b⟩ = ⟨Σg, Σb⟩ / (G·B)
+    means = [float(gallery.sum(0) @ b.sum(0)) / max(len(gallery) * len(b), 1) for b, _ in banks]
     out = np.empty_like(gallery)
     for i in range(0, len(gallery), chunk):
         g = gallery[i : i + chunk]
-        msgs = []
-        if gallery_bank is not None:
-            msgs.append(_invgc_message(g, np.asarray(gallery_bank, np.float64), r_g, local_adj, pool_rate))
-        if query_bank is not None:
-            msgs.append(_invgc_message(g, np.asarray(query_bank, np.float64), r_q, local_adj, pool_rate))
+        msgs = [
+            _invgc_message(g, b, r, local_adj, pool_rate, m) for (b, r), m in zip(banks, means, strict=True)
+        ]
         out[i : i + chunk] = _l2n(sum(msgs) / len(msgs))
     return out.astype(np.float32)
 

@@ -1,0 +1,181 @@
+"""Search: the `SearchMixin` part of `SearchIndex` — ANN candidates, exact re-ranking, hubness-corrected
+scores, and text/image/caption queries (the model loads lazily, only for text or image queries)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import faiss
+import numpy as np
+
+from xmodal.errors import UserError
+from xmodal.index.ann import is_exact, l2n, set_search_params
+from xmodal.index.meta import row_dict
+
+
+class SearchMixin:
+    """Queries against a `SearchIndex`."""
+
+    def _score(self, q: np.ndarray, rows: np.ndarray, w: np.ndarray) -> np.ndarray:
+        """Exact corrected scores ⟨q,g⟩ + Σ_j w_j u_j(g) for candidate rows (Q×n; −1 = none)."""
+        safe = np.maximum(rows, 0)
+        g = self.gallery[safe.ravel()].reshape(*rows.shape, self.dim)
+        s = np.einsum("qnd,qd->qn", g, q, optimize=True)
+        if w.shape[1] and w.any():
+            cols = self._columns()[safe.ravel()].reshape(*rows.shape, -1)
+            s = s + np.einsum("qne,qe->qn", cols, w)
+        return np.where(rows >= 0, s, -np.inf).astype(np.float32)
+
+    def _search_raw(self, q: np.ndarray, k: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by ⟨q,g⟩ + Σ w_j u_j(g): ANN candidates, then exact re-ranking by the float vectors."""
+        n_items = len(self)
+        k = min(k, n_items)
+        kind, params = self.kind, self.info["params"]
+        rerank = int(params.get("rerank", 0))
+        exact = is_exact(kind)
+        cand = k if exact or rerank <= 0 else min(n_items, max(k, rerank))
+        if kind == "binary" and rerank > 0 and w.any():
+            # Hamming codes cannot carry the hubness offset, so candidates come from the plain ranking and
+            # only the re-ranking is corrected; a wider pool lets promoted non-hubs in.
+            cand = min(n_items, 2 * cand)
+        set_search_params(self.ann, kind, params, cand)
+        if kind == "binary":
+            dist, rows = self.ann.search(self.coder.encode(q), cand)
+            rows = rows.astype(np.int64)
+            if rerank > 0:
+                scores = self._score(q, rows, w)
+            else:  # Hamming estimate of the cosine, corrected by the bank columns
+                est = 1.0 - 2.0 * dist.astype(np.float32) / params["bits"]
+                if w.shape[1] and w.any():
+                    cols = self._columns()[np.maximum(rows, 0).ravel()].reshape(*rows.shape, -1)
+                    est = est + np.einsum("qne,qe->qn", cols, w)
+                scores = np.where(rows >= 0, est, -np.inf).astype(np.float32)
+        else:
+            qx = np.zeros((len(q), self.ann_dim()), np.float32)
+            qx[:, : self.dim] = q
+            qx[:, self.dim : self.dim + w.shape[1]] = w
+            scores, rows = self.ann.search(qx, cand)
+            rows = rows.astype(np.int64)
+            if not exact and rerank > 0:
+                scores = self._score(q, rows, w)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+
+    def search_rows(
+        self, q: np.ndarray, k: int = 10, norm: str | None = None, modality: str = "text"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Like `search_vectors` but returns row numbers (−1 where fewer than k items exist)."""
+        q = l2n(q)
+        if q.shape[1] != self.dim:
+            raise UserError(f"query vectors are {q.shape[1]}-d but the index holds {self.dim}-d vectors")
+        if k < 1:
+            raise UserError(f"k={k}: must be at least 1")
+        if len(self) == 0:
+            return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        factors = self._factors(norm or "none", modality)
+        e = len(self.bank_names)
+        zero = np.zeros((len(q), e), np.float32)
+        if not factors:
+            return self._search_raw(q, k, zero)
+        beta_tot = sum(b for _, b in factors)
+        means = np.array([self.info["banks"][b]["offset_mean"] for b in self.bank_names])
+        active = np.ones((len(q), len(factors)), dtype=bool)
+        if norm.endswith("dynamic"):
+            # DIS: a factor applies to a query only if the query's plain top-1 is in that bank's
+            # activation set.
+            s0, r0 = self._search_raw(q, k, zero)
+            top1 = r0[:, 0]
+            for f, (col, _) in enumerate(factors):
+                active[:, f] = self.bank_hubs[top1, col]
+        w = np.zeros((len(q), e), np.float32)
+        shift = np.zeros(len(q))
+        for f, (col, beta) in enumerate(factors):
+            w[:, col] += active[:, f] * (beta / beta_tot)
+            shift += active[:, f] * means[col]
+        scores = np.zeros((len(q), min(k, len(self))), np.float32)
+        rows = np.zeros(scores.shape, np.int64)
+        need = active.any(axis=1)
+        if norm.endswith("dynamic") and (~need).any():
+            scores[~need], rows[~need] = s0[~need], r0[~need]
+        if need.any():
+            scores[need], rows[need] = self._search_raw(q[need], k, w[need])
+        # Back to the log-space value of the (dual/dynamic) inverted softmax.
+        out = beta_tot * scores.astype(np.float64) - shift[:, None]
+        return np.where(rows >= 0, out, -np.inf).astype(np.float32), rows
+
+    def search_vectors(
+        self, q: np.ndarray, k: int = 10, norm: str | None = None, modality: str = "text"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search with query embeddings q (Q×D, or D). Returns (scores Q×k float32, ids Q×k object array).
+
+        norm: none | qbnorm | qbnorm-dynamic | dbnorm | dbnorm-dynamic; modality: the query's modality
+        ("text" or "image"), which picks the query bank. Scores are cosine similarities without a norm,
+        else the log of the normalised score (β·s − log Σ_b exp(β⟨b,g⟩) …)."""
+        scores, rows = self.search_rows(q, k, norm, modality)
+        ids = np.empty(rows.shape, dtype=object)
+        for (i, j), r in np.ndenumerate(rows):
+            ids[i, j] = self._ids[r] if r >= 0 else None
+        return scores, ids
+
+    def hits(self, scores: np.ndarray, rows: np.ndarray) -> list[dict[str, Any]]:
+        """One query's results as dicts: rank, id, score and the item's metadata."""
+        out = []
+        for rank, (s, r) in enumerate(zip(scores, rows, strict=True), start=1):
+            if r < 0:
+                continue
+            out.append({"rank": rank, "score": float(s), **row_dict(self._meta, r)})
+        return out
+
+    def embed_text(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encoder.encode_texts(list(texts)).numpy()
+
+    def embed_image(self, image: Any) -> np.ndarray:
+        """PIL image (or uint8 3×S×S tensor) → 1×D embedding, preprocessed like the indexed items."""
+        import torch
+
+        from xmodal.data import resize_center_crop
+
+        enc = self.encoder
+        if isinstance(image, torch.Tensor):
+            x = image if image.ndim == 4 else image[None]
+        else:
+            x = resize_center_crop(image.convert("RGB"), enc.image_size)[None]
+        return enc.encode_images(x).numpy()
+
+    def search_text(self, text: str, k: int = 10, norm: str | None = None) -> list[dict[str, Any]]:
+        """Text → images."""
+        if not text or not text.strip():
+            raise UserError("empty query")
+        self._factors(norm or "none", "text")  # a bad --norm fails before the model loads
+        s, r = self.search_rows(self.embed_text([text]), k, norm, "text")
+        return self.hits(s[0], r[0])
+
+    def search_image(self, image: Any, k: int = 10, norm: str | None = None) -> list[dict[str, Any]]:
+        """Image → images (a PIL image, or a uint8 tensor at the model's size)."""
+        self._factors(norm or "none", "image")
+        s, r = self.search_rows(self.embed_image(image), k, norm, "image")
+        return self.hits(s[0], r[0])
+
+    @property
+    def has_captions(self) -> bool:
+        return self.caption_vectors is not None and len(self.caption_vectors) > 0
+
+    def search_captions(self, query: Any, k: int = 10) -> list[dict[str, Any]]:
+        """Image → text over the caption gallery (exact inner product). query: PIL image or D-vector(s)."""
+        if not self.has_captions:
+            raise UserError(f"{self.path}: the index has no caption gallery; build it with --caption-gallery")
+        q = query if isinstance(query, np.ndarray) else self.embed_image(query)
+        q = l2n(q)
+        if self._cap_index is None:
+            idx = faiss.IndexFlatIP(self.dim)
+            idx.add(np.ascontiguousarray(self.caption_vectors, dtype=np.float32))
+            self._cap_index = idx
+        scores, rows = self._cap_index.search(q[:1], min(k, len(self.caption_vectors)))
+        out = []
+        ids = self.caption_meta.column("id").to_pylist()
+        texts = self.caption_meta.column("caption").to_pylist()
+        for rank, (s, r) in enumerate(zip(scores[0], rows[0], strict=True), start=1):
+            if r >= 0:
+                out.append({"rank": rank, "score": float(s), "id": ids[r], "caption": texts[r]})
+        return out
