@@ -6,12 +6,12 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from xmodal.serve.app import create_app
-
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
+from xmodal.serve.middleware import is_loopback_address
 
 
 def run(
@@ -23,21 +23,37 @@ def run(
     max_upload_mb: float = 10.0,
     max_pixels: int = 40_000_000,
     encoder: Any = None,
+    expose: str | Sequence[str] | None = None,
+    random_init: bool | None = None,
     log_level: str = "info",
 ) -> None:
     """Serve the index at `index_path` until interrupted (blocking). Binds loopback unless `host` says
-    otherwise; a non-loopback host without an API key gets a warning on stderr."""
+    otherwise; a non-loopback host without an API key, and a model with random weights, get a warning on
+    stderr."""
     import uvicorn
 
-    if host not in LOOPBACK and not api_key:
+    if not is_loopback_address(host) and not api_key:
         print(
             f"warning: serving on {host} without --api-key: anyone who can reach this port can search "
             "the index",
             file=sys.stderr,
         )
     app = create_app(
-        index_path, api_key=api_key, max_upload_mb=max_upload_mb, max_pixels=max_pixels, encoder=encoder
+        index_path,
+        api_key=api_key,
+        max_upload_mb=max_upload_mb,
+        max_pixels=max_pixels,
+        encoder=encoder,
+        expose=expose,
+        host=host,
+        random_init=random_init,
     )
+    state = app.state.serve
+    # One line: unless load_encoder has already said so while loading the model (Encoder.random_init).
+    announced = state.model_error is None and getattr(state.idx.encoder, "random_init", None) is True
+    if state.random_init and not announced:
+        name = getattr(encoder, "name", None) or (state.idx.info.get("model") or {}).get("name")
+        print(random_init_warning(index_path, name), file=sys.stderr, flush=True)
     print(f"serving {index_path} at http://{host}:{port}/  (API docs: /docs)", file=sys.stderr, flush=True)
     uvicorn.run(
         app,
@@ -47,6 +63,14 @@ def run(
         server_header=False,
         limit_concurrency=512,
         timeout_keep_alive=5,
+    )
+
+
+def random_init_warning(index_path: str | Path, model_name: str | None) -> str:
+    """The one-line warning for an index whose model has random weights (results mean nothing)."""
+    return (
+        f"warning: {index_path}: {model_name or 'the model'} has random weights (a config name without "
+        "--pretrained); search results are meaningless: rebuild the index from trained weights"
     )
 
 
@@ -102,10 +126,11 @@ def start_in_thread(
     index_path: str | Path | None = None, host: str = "127.0.0.1", port: int = 0, **app_kwargs: Any
 ) -> ServerThread:
     """Start a server for the index on a background thread and return it (started). port=0 picks a free port.
-    app_kwargs go to `create_app` (api_key, max_upload_mb, max_pixels, encoder, index, ...)."""
-    return ServerThread(create_app(index_path, **app_kwargs), host=host, port=port).start()
+    app_kwargs go to `create_app` (api_key, max_upload_mb, max_pixels, encoder, index, expose, ...)."""
+    app = create_app(index_path, host=host, **app_kwargs)
+    return ServerThread(app, host=host, port=port).start()
 
 
 run_server = run  # the name xmodal.demo uses
 
-__all__ = ["ServerThread", "create_app", "run", "run_server", "start_in_thread"]
+__all__ = ["ServerThread", "create_app", "random_init_warning", "run", "run_server", "start_in_thread"]

@@ -9,6 +9,8 @@ import typer
 
 from xmodal.errors import UserError
 
+DEFAULT_EXPOSE = "id,caption,label"
+
 
 def serve_cmd(
     index: Path = typer.Argument(..., help="Index directory (xmodal index build)."),
@@ -21,9 +23,16 @@ def serve_cmd(
     max_pixels: float = typer.Option(40e6, "--max-pixels", help="Largest accepted image, in pixels."),
     model: str = typer.Option(None, "--model", help="Override the model recorded in the index."),
     pretrained: str = typer.Option(None, "--pretrained"),
+    expose: str = typer.Option(
+        DEFAULT_EXPOSE,
+        "--expose",
+        help="Comma-separated metadata columns that /items and search hits show (id always; "
+        "columns the index lacks are skipped only in the default).",
+    ),
 ) -> None:
     """Serve an index: JSON API (/search, /search/image, /items, /thumb, /health, /docs) and a web
-    page at /."""
+    page at /. On loopback without --api-key it answers only to loopback Host names (else 400), so that a
+    web page cannot reach it through DNS rebinding."""
     from xmodal.index import open_index
     from xmodal.serve import run
 
@@ -34,10 +43,13 @@ def serve_cmd(
     key = api_key or os.environ.get("XMODAL_API_KEY") or None
     open_index(index)  # a clear error for a bad path before uvicorn starts
     encoder = None
+    random_init = None  # what index.json records
     if model:
+        from xmodal.index.model import has_weights
         from xmodal.models import load_encoder
 
         encoder = load_encoder(model, pretrained)
+        random_init = not has_weights(model, pretrained)
     run(
         index,
         host=host,
@@ -46,6 +58,8 @@ def serve_cmd(
         max_upload_mb=max_upload_mb,
         max_pixels=int(max_pixels),
         encoder=encoder,
+        expose=None if expose == DEFAULT_EXPOSE else expose,
+        random_init=random_init,
     )
 
 
