@@ -16,7 +16,6 @@ from test_serve_api import KEY, assert_error, make_index, png_bytes
 from xmodal.errors import UserError
 from xmodal.index import open_index
 from xmodal.serve import create_app, start_in_thread
-from xmodal.serve.app import recorded_random_init
 from xmodal.serve.middleware import is_loopback_address, is_loopback_host_header
 
 EPS = (
@@ -215,19 +214,11 @@ def test_expose_chooses_the_columns(index_dir):
 # -- random weights --------------------------------------------------------------------------------------
 
 
-def test_recorded_random_init_reads_both_keys():
-    assert recorded_random_init({"model": {"random_init": True}}) is True
-    assert recorded_random_init({"model": {"seeded_random_init": True}}) is True
-    assert recorded_random_init({"model": {"random_init": False, "seeded_random_init": True}}) is False
-    assert recorded_random_init({"model": {"source": "/runs/a"}}) is False
-    assert recorded_random_init({}) is False
-
-
 def test_health_reports_random_init(client, index_dir):
     out, _, enc = index_dir
     assert client.get("/health").json()["random_init"] is True  # built from the bare name xm-micro
     idx = open_index(out, encoder=enc)
-    idx.info["model"] = {**idx.info["model"], "random_init": False, "seeded_random_init": False}
+    idx.info["model"] = {**idx.info["model"], "random_init": False}
     trained = TestClient(create_app(index=idx), base_url="http://localhost")
     assert trained.get("/health").json()["random_init"] is False
 
@@ -248,7 +239,7 @@ def test_serve_command_warns_about_random_weights(index_dir, monkeypatch, capsys
         err = capsys.readouterr().err.splitlines()
         return [line for line in err if line.startswith("warning:") and "random" in line]
 
-    # One line, from serve or from load_encoder as it loads the model (whichever says it first).
+    # One line, from load_encoder as it loads the model the index records.
     lines = serve()
     assert len(lines) == 1, lines
     assert apps[-1].state.serve.random_init is True
@@ -256,39 +247,14 @@ def test_serve_command_warns_about_random_weights(index_dir, monkeypatch, capsys
     assert len(serve("--model", "xm-micro", "--expose", "caption,lang")) == 1
     assert apps[-1].state.serve.expose == ("id", "caption", "lang")
 
-    # index.json says the weights are trained: serve does not warn (load_encoder may, about xm-micro itself)
+    # index.json says the weights are trained: /health says so (load_encoder still warns about xm-micro)
     info_path = out / "index.json"
     saved = info_path.read_text()
     info = json.loads(saved)
-    info["model"] = {**info["model"], "random_init": False, "seeded_random_init": False}
+    info["model"] = {**info["model"], "random_init": False}
     try:
         info_path.write_text(json.dumps(info))
-        assert not [line for line in serve() if str(out) in line]
+        serve()
         assert apps[-1].state.serve.random_init is False
     finally:
         info_path.write_text(saved)
-
-
-def test_serve_warns_once_when_the_model_does_not(index_dir, monkeypatch, capsys):
-    """An encoder that does not announce its random weights: `run` prints the index's warning itself."""
-    import uvicorn
-
-    from xmodal.serve import run
-
-    out, _, enc = index_dir
-
-    class Quiet:  # the same model, without load_encoder's own flag
-        def __init__(self, inner):
-            self._inner = inner
-
-        def __getattr__(self, name):
-            if name == "random_init":
-                raise AttributeError(name)
-            return getattr(self._inner, name)
-
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)
-    run(out, port=8799, encoder=Quiet(enc))
-    lines = [line for line in capsys.readouterr().err.splitlines() if "random" in line]
-    assert len(lines) == 1 and lines[0].startswith(f"warning: {out}: ") and "random weights" in lines[0], (
-        lines
-    )

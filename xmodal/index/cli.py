@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import typer
@@ -51,19 +50,11 @@ def build_cmd(
     """Embed a collection and write an index directory (resumable: a rerun reuses finished chunks)."""
     from xmodal.data.records import source_kind
     from xmodal.index.build import _check_kind, build_index
-    from xmodal.index.model import has_weights
     from xmodal.models import load_encoder
 
     _check_kind(kind, bits, binary_method, rerank)
     source_kind(data)  # fail on a missing/unknown --data before the (slow) model load
     enc = load_encoder(model, pretrained, device)
-    if not has_weights(model, pretrained) and not hasattr(enc, "random_init"):
-        # Today's load_encoder warns itself (and sets Encoder.random_init); this covers one that does not.
-        print(
-            f"warning: {model} has no weights (no --pretrained): the index embeds with a random init, whose "
-            'results mean nothing; index.json records "random_init": true',
-            file=sys.stderr,
-        )
     build_index(
         enc,
         data,

@@ -24,12 +24,11 @@ def run(
     max_pixels: int = 40_000_000,
     encoder: Any = None,
     expose: str | Sequence[str] | None = None,
-    random_init: bool | None = None,
     log_level: str = "info",
 ) -> None:
     """Serve the index at `index_path` until interrupted (blocking). Binds loopback unless `host` says
-    otherwise; a non-loopback host without an API key, and a model with random weights, get a warning on
-    stderr."""
+    otherwise; a non-loopback host without an API key gets a warning on stderr (random weights get one
+    from `load_encoder`)."""
     import uvicorn
 
     if not is_loopback_address(host) and not api_key:
@@ -46,14 +45,7 @@ def run(
         encoder=encoder,
         expose=expose,
         host=host,
-        random_init=random_init,
     )
-    state = app.state.serve
-    # One line: unless load_encoder has already said so while loading the model (Encoder.random_init).
-    announced = state.model_error is None and getattr(state.idx.encoder, "random_init", None) is True
-    if state.random_init and not announced:
-        name = getattr(encoder, "name", None) or (state.idx.info.get("model") or {}).get("name")
-        print(random_init_warning(index_path, name), file=sys.stderr, flush=True)
     print(f"serving {index_path} at http://{host}:{port}/  (API docs: /docs)", file=sys.stderr, flush=True)
     uvicorn.run(
         app,
@@ -63,14 +55,6 @@ def run(
         server_header=False,
         limit_concurrency=512,
         timeout_keep_alive=5,
-    )
-
-
-def random_init_warning(index_path: str | Path, model_name: str | None) -> str:
-    """The one-line warning for an index whose model has random weights (results mean nothing)."""
-    return (
-        f"warning: {index_path}: {model_name or 'the model'} has random weights (a config name without "
-        "--pretrained); search results are meaningless: rebuild the index from trained weights"
     )
 
 
@@ -133,4 +117,4 @@ def start_in_thread(
 
 run_server = run  # the name xmodal.demo uses
 
-__all__ = ["ServerThread", "create_app", "random_init_warning", "run", "run_server", "start_in_thread"]
+__all__ = ["ServerThread", "create_app", "run", "run_server", "start_in_thread"]

@@ -35,22 +35,6 @@ from xmodal.serve.routes import STATIC, build_router
 log = logging.getLogger("xmodal.serve")
 
 
-def recorded_random_init(info: dict[str, Any]) -> bool:
-    """Whether index.json says its model had random weights (`random_init`; older indexes:
-    `seeded_random_init`)."""
-    m = info.get("model") or {}
-    return bool(m.get("random_init", m.get("seeded_random_init", False)))
-
-
-def _random_init(given: bool | None, encoder: Any, info: dict[str, Any]) -> bool:
-    """As given; else what the override encoder says of itself; else what index.json records."""
-    if given is not None:
-        return bool(given)
-    if encoder is not None and isinstance(getattr(encoder, "random_init", None), bool):
-        return encoder.random_init
-    return recorded_random_init(info)
-
-
 def create_app(
     index_path: str | Path | None = None,
     api_key: str | None = None,
@@ -64,7 +48,6 @@ def create_app(
     load_model: bool = True,
     expose: str | Sequence[str] | None = None,
     host: str | None = "127.0.0.1",
-    random_init: bool | None = None,
 ) -> FastAPI:
     """Build the app for the index at `index_path` (or an already opened `index`).
 
@@ -72,8 +55,7 @@ def create_app(
     max_upload_mb / max_pixels: limits for image uploads. encoder: use this model instead of the one the
     index records (the demo passes its in-memory model). load_model=False defers loading to the first
     query. expose: the metadata columns clients see (default id, caption, label). host: the address the
-    server binds; a loopback one without api_key turns the Host-header check on (None: no check).
-    random_init: whether the model has random weights (default: the encoder's own flag, else index.json)."""
+    server binds; a loopback one without api_key turns the Host-header check on (None: no check)."""
     from xmodal.index import open_index
 
     idx = index if index is not None else open_index(index_path, encoder=encoder)
@@ -94,7 +76,10 @@ def create_app(
         max_query_chars=max_query_chars,
         max_upload=int(max_upload_mb * 1024 * 1024),
         max_pixels=max_pixels,
-        random_init=_random_init(random_init, encoder, idx.info),
+        # random weights: as the given encoder says, else as index.json records (load_encoder warns)
+        random_init=bool(
+            encoder.random_init if encoder is not None else (idx.info.get("model") or {}).get("random_init")
+        ),
         host_check=api_key is None and is_loopback_address(host),
         model_error=model_error,
     )

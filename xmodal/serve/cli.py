@@ -43,13 +43,10 @@ def serve_cmd(
     key = api_key or os.environ.get("XMODAL_API_KEY") or None
     open_index(index)  # a clear error for a bad path before uvicorn starts
     encoder = None
-    random_init = None  # what index.json records
     if model:
-        from xmodal.index.model import has_weights
         from xmodal.models import load_encoder
 
         encoder = load_encoder(model, pretrained)
-        random_init = not has_weights(model, pretrained)
     run(
         index,
         host=host,
@@ -59,7 +56,6 @@ def serve_cmd(
         max_pixels=int(max_pixels),
         encoder=encoder,
         expose=None if expose == DEFAULT_EXPOSE else expose,
-        random_init=random_init,
     )
 
 
