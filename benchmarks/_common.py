@@ -9,8 +9,10 @@ and the machine, so results from different machines or days are never mixed up i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime as _dt
+import fcntl
 import json
 import os
 import platform
@@ -21,7 +23,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,12 +56,53 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def native_bf16(flags: set[str] | None = None) -> bool:
+    """Whether this CPU computes bf16 natively (AVX-512 BF16 or AMX-BF16). Without it, bf16 autocast on a
+    CPU is emulated through fp32 and slower than fp32 itself, so the benchmarks then run fp32."""
+    flags = cpu_flags() if flags is None else flags
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_int8")
+
+
+def isa_line(flags: set[str] | None = None) -> str:
+    """The ISA extensions that decide CPU training/inference speed, and whether bf16 is native."""
+    flags = cpu_flags() if flags is None else flags
+    isa = [f for f in ISA_FLAGS if f in flags]
+    return f"ISA {'/'.join(isa) or '-'} (native bf16: {'yes' if native_bf16(flags) else 'no'})"
+
+
+def _torch_kernels(torch) -> str:
+    try:
+        return str(torch.backends.cpu.get_cpu_capability())
+    except (AttributeError, RuntimeError):
+        return "?"
+
+
+def xmodal_precision(precision: str = "auto") -> str:
+    """What xmodal's --precision resolves to on this CPU ("bf16" or "fp32"), by xmodal's own rule."""
+    import importlib
+
+    import torch
+
+    for mod in ("xmodal.train.precision", "xmodal.train.trainer", "xmodal.train.loop"):
+        try:
+            resolve = importlib.import_module(mod).resolve_precision
+            break
+        except (ImportError, AttributeError):
+            continue
+    else:
+        return "?"
+    dt = resolve(precision, torch.device("cpu"))
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, str(dt))
+
+
 def machine_line() -> str:
     """One line: CPU model, logical cores, notable ISA, RAM, torch/open_clip/faiss versions, load average."""
     import torch
 
     flags = cpu_flags()
-    isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16", "avx2") if f in flags]
     try:
         mem_kb = int(
             next(
@@ -74,9 +117,9 @@ def machine_line() -> str:
     parts = [
         f"{cpu_model()}",
         f"{os.cpu_count()} logical cores",
-        f"ISA {'/'.join(isa) or '-'}",
+        isa_line(flags),
         mem,
-        f"torch {torch.__version__} ({torch.get_num_threads()} threads)",
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads, {_torch_kernels(torch)} kernels)",
     ]
     for mod in ("open_clip", "faiss"):
         try:
@@ -122,6 +165,47 @@ def command_line() -> str:
     return "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
 
 
+def benchmarks_md() -> Path:
+    """The results file: BENCHMARKS.md at the repository root, or $XMODAL_BENCHMARKS_MD (tests, dry runs)."""
+    return Path(os.environ.get("XMODAL_BENCHMARKS_MD") or BENCHMARKS_MD)
+
+
+def add_record_args(p) -> None:
+    """--no-write (alias --no-record): print the block only; --record-to FILE: append to FILE instead."""
+    p.add_argument(
+        "--no-write",
+        "--no-record",
+        dest="no_write",
+        action="store_true",
+        help="print the result block only; do not append it to BENCHMARKS.md",
+    )
+    p.add_argument(
+        "--record-to",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="append the result block to FILE instead of BENCHMARKS.md (env XMODAL_BENCHMARKS_MD)",
+    )
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Exclusive lock (fcntl.flock, blocking) on `.NAME.lock` beside `path`, so the read-modify-write of
+    two recording scripts never interleaves. The lock file is left in place: unlinking a lock file lets a
+    late opener lock a different inode than an earlier one."""
+    lock = path.with_name(f".{path.name}.lock")
+    with open(lock, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def _between_read_and_write() -> None:
+    """Test hook (a no-op): tests replace it with a sleep to widen the read-modify-write window."""
+
+
 def record(
     name: str,
     title: str,
@@ -130,8 +214,13 @@ def record(
     command: str | None = None,
     started: float | None = None,
     write: bool = True,
+    path: Path | str | None = None,
 ) -> None:
-    """Print the result block and append it to BENCHMARKS.md inside the `name` section."""
+    """Print the result block and append it to the results file (BENCHMARKS.md by default) inside the `name`
+    section. The read-modify-write holds a file lock and the file is replaced atomically, so two scripts
+    recording at once keep both blocks and a crash never leaves half a file."""
+    from xmodal.fsutil import write_text_atomic
+
     when = _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     took = f", took {time.time() - started:.0f} s" if started else ""
     block = (
@@ -140,17 +229,23 @@ def record(
     )
     print("\n" + block)
     if not write:
+        print("(not recorded: --no-write)")
         return
+    target = Path(path) if path else benchmarks_md()
     begin, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
-    text = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
-    if begin not in text or end not in text:
-        text = text.rstrip("\n") + f"\n\n## {name}\n\n{begin}\n{end}\n"
-    head, rest = text.split(end, 1)
-    text = head.rstrip("\n") + "\n\n" + block + "\n" + end + rest
-    tmp = BENCHMARKS_MD.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(BENCHMARKS_MD)
-    print(f"(appended to {BENCHMARKS_MD.relative_to(REPO)})")
+    with _locked(target):
+        text = target.read_text(encoding="utf-8") if target.exists() else "# Benchmarks\n"
+        if begin not in text or end not in text:
+            text = text.rstrip("\n") + f"\n\n## {name}\n\n{begin}\n{end}\n"
+        head, rest = text.split(end, 1)
+        text = head.rstrip("\n") + "\n\n" + block + "\n" + end + rest
+        _between_read_and_write()
+        write_text_atomic(target, text)
+    try:
+        shown = target.resolve().relative_to(REPO)
+    except ValueError:
+        shown = target
+    print(f"(appended to {shown})")
 
 
 def median(xs: Sequence[float]) -> float:
@@ -191,11 +286,11 @@ def ensure_emoji(work: Path) -> Path | None:
     return out
 
 
-def dataset_dirs(work: Path, names: Sequence[str]) -> dict[str, Path]:
+def dataset_dirs(work: Path, names: Sequence[str], shapes_images: int = 5000) -> dict[str, Path]:
     out = {}
     for n in names:
         if n == "shapes":
-            out[n] = ensure_shapes(work)
+            out[n] = ensure_shapes(work, n_train=shapes_images)
         elif n == "emoji":
             d = ensure_emoji(work)
             if d is not None:
@@ -388,8 +483,9 @@ def xmodal_env() -> dict:
 # -- compute peak --------------------------------------------------------------------------------------
 
 
-def matmul_peak(n: int = 2048, reps: int = 10) -> dict[str, float]:
-    """Best-of-`reps` FLOP/s of an n×n @ n×n matmul in fp32 and bf16 on this CPU (all torch threads)."""
+def matmul_peak(n: int = 2048, reps: int = 10, bf16_reps: int | None = None) -> dict[str, float]:
+    """Best-of-`reps` FLOP/s of an n×n @ n×n matmul in fp32 and bf16 on this CPU (all torch threads).
+    `bf16_reps`: fewer bf16 repeats where bf16 is emulated (slow, and only shown for contrast)."""
     import torch
 
     out = {}
@@ -397,7 +493,7 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> dict[str, float]:
         a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
         torch.matmul(a, b)
         best = float("inf")
-        for _ in range(reps):
+        for _ in range(reps if dt == torch.float32 or bf16_reps is None else bf16_reps):
             t = time.perf_counter()
             torch.matmul(a, b)
             best = min(best, time.perf_counter() - t)

@@ -37,13 +37,21 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", default="xm-tiny")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--workers", type=int, default=2, help="decode workers (DataLoader / load_dataset)")
-    p.add_argument("--precision", choices=("bf16", "fp32"), default="bf16", help="autocast for both sides")
+    p.add_argument(
+        "--precision",
+        choices=("auto", "bf16", "fp32"),
+        default="auto",
+        help="autocast for both sides; auto = bf16 where the CPU has native bf16 (AVX-512 BF16 / AMX), "
+        "else fp32",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--work-dir", type=Path, default=C.DEFAULT_WORK)
-    p.add_argument("--no-write", action="store_true")
+    C.add_record_args(p)
     a = p.parse_args()
     if a.quick:
         a.images, a.repeats = 500, 1
+    if a.precision == "auto":
+        a.precision = "bf16" if C.native_bf16() else "fp32"
     return a
 
 
@@ -169,7 +177,9 @@ def main() -> None:
 
     body = (
         f"Model {a.model} ({size} px input, random weights: throughput does not depend on them), batch "
-        f"{a.batch_size}, {a.precision} autocast on both sides, {a.workers} decode workers on both sides, "
+        f"{a.batch_size}, {a.precision + ' autocast' if a.precision != 'fp32' else 'fp32'} on both sides "
+        f"({'native bf16 on this CPU' if C.native_bf16() else 'no native bf16 on this CPU'}), "
+        f"{a.workers} decode workers on both sides, "
         f"{a.repeats} interleaved repeats.\n\n"
         + C.table(
             [
@@ -195,6 +205,7 @@ def main() -> None:
         machine,
         started=started,
         write=not a.no_write,
+        path=a.record_to,
     )
 
 

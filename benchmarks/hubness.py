@@ -36,7 +36,7 @@ def parse_args() -> argparse.Namespace:
         "--bank-size", type=int, default=5000, help="max bank items (seeded sample of the train split)"
     )
     p.add_argument("--work-dir", type=Path, default=C.DEFAULT_WORK)
-    p.add_argument("--no-write", action="store_true")
+    C.add_record_args(p)
     return p.parse_args()
 
 
@@ -111,7 +111,15 @@ def main() -> None:
         "N₁₀ skewness: skewness of how often each gallery item is in a query's top 10 "
         "(lower = fewer hubs).\n\n" + C.table(headers, rows)
     )
-    C.record("hubness", "Hubness correction", body, machine, started=started, write=not a.no_write)
+    C.record(
+        "hubness",
+        "Hubness correction",
+        body,
+        machine,
+        started=started,
+        write=not a.no_write,
+        path=a.record_to,
+    )
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@ micro-batches (`--accum-steps`: cached-feature "GradCache" accumulation, the los
 as negatives) at sizes a direct batch would need far more memory for; (2) search latency and QPS vs
 collection size for each index kind.
 
-Each training configuration is a separate `xmodal train` process (xm-tiny on shapes, bf16), measured from
+Each training configuration is a separate `xmodal train` process (xm-tiny on shapes, `--precision auto`:
+bf16 where the CPU supports it, else fp32), measured from
 outside: peak RSS (kernel high-water mark) and samples/s = batch / median step time after 2 warm-up steps.
 
     python benchmarks/scaling.py
@@ -43,7 +44,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--skip-train", action="store_true")
     p.add_argument("--skip-search", action="store_true")
     p.add_argument("--work-dir", type=Path, default=C.DEFAULT_WORK)
-    p.add_argument("--no-write", action="store_true")
+    C.add_record_args(p)
     a = p.parse_args()
     if a.quick:
         a.batches, a.accum, a.samples, a.search_sizes, a.queries = "64,256", "512:4", 1024, "10000,30000", 200
@@ -75,7 +76,7 @@ def train_point(a, data: Path, batch: int, accum: int) -> tuple:
         "--warmup",
         "1",
         "--precision",
-        "bf16",
+        "auto",
         "--log-every",
         "1",
         "--save-every",
@@ -155,7 +156,8 @@ def main() -> None:
             rows.append(train_point(a, shapes / "train.jsonl", batch, accum))
             print("   " + ", ".join(C.fmt(v) for v in rows[-1]), flush=True)
         parts.append(
-            "**Training** (xm-tiny, shapes 5,000 images, bf16, one process per row, ~"
+            f"**Training** (xm-tiny, shapes 5,000 images, `--precision auto` ({C.xmodal_precision()}), "
+            "one process per row, ~"
             f"{a.samples} samples timed after 2 warm-up steps):\n\n"
             + C.table(
                 [
@@ -191,6 +193,7 @@ def main() -> None:
         machine,
         started=started,
         write=not a.no_write,
+        path=a.record_to,
     )
 
 

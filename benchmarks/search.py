@@ -61,7 +61,7 @@ def parse_args() -> argparse.Namespace:
         "--model-steps", type=int, default=300, help="training steps of the emoji model (trained once)"
     )
     p.add_argument("--work-dir", type=Path, default=C.DEFAULT_WORK)
-    p.add_argument("--no-write", action="store_true")
+    C.add_record_args(p)
     a = p.parse_args()
     if a.quick:
         a.sizes, a.queries, a.repeats, a.no_emoji, a.latency_queries = "20000", 200, 2, True, 50
@@ -268,6 +268,7 @@ def main() -> None:
         machine,
         started=started,
         write=not a.no_write,
+        path=a.record_to,
     )
 
 

@@ -90,7 +90,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--clients", type=int, default=50)
     ap.add_argument("--requests", type=int, default=10, help="requests per client")
     ap.add_argument("--k", type=int, default=10)
-    ap.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
+    ap.add_argument(
+        "--no-write",
+        "--no-record",
+        dest="no_write",
+        action="store_true",
+        help="print only; do not append to BENCHMARKS.md",
+    )
+    ap.add_argument("--record-to", type=Path, default=None, metavar="FILE", help="append to FILE instead")
     args = ap.parse_args(argv)
     started = time.time()
     if args.url:
@@ -147,7 +154,14 @@ def main(argv: list[str] | None = None) -> dict:
                 ],
             )
         )
-        C.record("serve_load", "Search server under load", body, C.machine_line(), started=started)
+        C.record(
+            "serve_load",
+            "Search server under load",
+            body,
+            C.machine_line(),
+            started=started,
+            path=args.record_to,
+        )
     else:
         print(format_report(result))
     return result

@@ -4,20 +4,32 @@ Both train the same model config (xm-tiny) on the same CSV (one row per image–
 from the built-in data sets), with the same batch size, optimiser (AdamW, lr, betas, eps, weight decay, grad
 clip 1.0), schedule (linear warm-up then cosine to 0, same total steps), the same augmentation (random resized
 crop, area ≥ 0.9: open_clip's default train transform; `--no-aug` turns it off in both) and the same seed.
-Each run is a separate process, measured from outside; the sides are interleaved (xmodal, open_clip bf16,
-xmodal, open_clip bf16, …) so background load hits both alike.
+Each run is a separate process, measured from outside; the sides are interleaved (xmodal, open_clip, xmodal,
+open_clip, …) so background load hits both alike.
 
-open_clip runs at its fastest CPU setting `--precision amp_bf16` and, for a few steps only, at its default
-`--precision amp` (float16 autocast, emulated on CPUs). xmodal runs with `--precision bf16`.
+Each side at its best setting on the CPU at hand:
+- xmodal: `--precision auto` (bf16 autocast where the CPU supports it, else fp32);
+- open_clip: `--precision amp_bf16` only where the CPU computes bf16 natively (avx512_bf16 or amx_bf16 in
+  /proc/cpuinfo), else `fp32` (bf16 autocast without native bf16 is emulated and slower than fp32); its
+  DataLoader worker count is the fastest of `--oc-workers` (0, 1, 2), picked by a short calibration run of
+  each (`--calib-steps`) before the timed runs, and named in the block. `--amp-steps N` adds a few steps of
+  open_clip's default `--precision amp` (float16 autocast, emulated on CPUs) for reference.
 
-Reported per side: steady-state samples/s (batch / median step time, warm-up steps skipped; and the mean),
-whole-process wall time, peak memory, final training loss, and test retrieval R@K of the final weights of
-both, measured by the same evaluator (`xmodal.eval.evaluate` on an `xmodal.models.Encoder`, fp32). Also: model
-FLOPs of one training step (torch.utils.flop_counter on forward + backward) against this CPU's measured
-matmul peak. `--profile` adds a torch.profiler breakdown of xmodal's training step.
+Two speeds per side:
+- per step: batch / median step time, warm-up steps skipped, as each trainer logs it (`metrics.jsonl`,
+  open_clip's `Batch (t)`): the training loop's rate, data loading included;
+- end to end: the whole process's wall time, from start-up to the last checkpoint: for xmodal that includes
+  decoding every training image into its tensor cache (a new, empty cache folder for every run) and
+  tokenising the captions; for open_clip its data loading (PIL decode + transform per sample, in its
+  workers). The image files are read once before the timed runs, so both find them in the OS page cache.
 
-    python benchmarks/train_vs_open_clip.py --quick            # ~2 min smoke run
-    python benchmarks/train_vs_open_clip.py                    # default (shapes, 60 steps, 2 repeats)
+Quality: test retrieval R@K of the final weights of both, by the same evaluator (`xmodal.eval.evaluate` on an
+`xmodal.models.Encoder`, fp32). Also: model FLOPs of one training step (torch.utils.flop_counter on forward +
+backward) against this CPU's measured matmul peak. `--profile` adds a torch.profiler breakdown of xmodal's
+training step and what-if variants of it.
+
+    python benchmarks/train_vs_open_clip.py --quick --no-write     # smoke run (a few minutes)
+    python benchmarks/train_vs_open_clip.py        # shapes, 300 steps, 2 repeats (~12 min, 2 cores)
     python benchmarks/train_vs_open_clip.py --datasets shapes,emoji --steps 300 --repeats 3 --profile
 """
 
@@ -38,22 +50,44 @@ import _common as C  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODEL = "xm-tiny"
-OC_LINE = re.compile(r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Batch \(t\): ([\d.]+),.*?Contrastive_loss: ([\d.]+)")
+OC_LINE = re.compile(
+    r"Train Epoch: \d+ \[\s*(\d+)/\d+.*?Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+),"
+    r".*?Contrastive_loss: ([\d.]+)"
+)
+XM_PRECISIONS = ("auto", "fp32", "bf16")
+OC_PRECISIONS = ("auto", "amp_bf16", "fp32", "amp", "bf16", "pure_bf16")
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--quick", action="store_true", help="smoke run: 12 steps, 1 repeat, 3 amp steps")
-    p.add_argument("--datasets", default="shapes", help="comma list of shapes, emoji")
-    p.add_argument("--steps", type=int, default=60, help="optimiser steps per training run")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each side")
     p.add_argument(
-        "--amp-steps", type=int, default=4, help="steps of the open_clip --precision amp run (0 = skip)"
+        "--quick", action="store_true", help="smoke run: 12 steps, 1 repeat, 8 calibration steps, 3 amp steps"
+    )
+    p.add_argument("--datasets", default="shapes", help="comma list of shapes, emoji")
+    p.add_argument("--shapes-images", type=int, default=5000, help="training images of the shapes data set")
+    p.add_argument("--steps", type=int, default=300, help="optimiser steps per training run")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each side")
+    p.add_argument(
+        "--amp-steps", type=int, default=0, help="steps of an open_clip --precision amp run (0 = skip)"
     )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps/10)")
-    p.add_argument("--workers", type=int, default=2, help="open_clip DataLoader workers")
+    p.add_argument("--xm-precision", choices=XM_PRECISIONS, default="auto", help="xmodal train --precision")
+    p.add_argument(
+        "--oc-precision",
+        choices=OC_PRECISIONS,
+        default="auto",
+        help="open_clip --precision; auto = amp_bf16 where the CPU has native bf16, else fp32",
+    )
+    p.add_argument(
+        "--oc-workers",
+        default="0,1,2",
+        help="open_clip DataLoader worker counts to try (calibration); one value = no calibration",
+    )
+    p.add_argument(
+        "--calib-steps", type=int, default=30, help="steps of each open_clip worker-count calibration run"
+    )
     p.add_argument("--no-aug", action="store_true", help="no random resized crop in either trainer")
     p.add_argument(
         "--skip", type=int, default=None, help="warm-up steps left out of samples/s (default: steps/10, ≥2)"
@@ -61,8 +95,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--what-if-math",
         action="store_true",
-        help="add a third side: xmodal run with the math SDPA kernel (benchmarks/_xmodal_sdpa_math.py); "
-        "the trainer itself uses it on CPUs since commit 5c6d3f6, so there the two sides match",
+        help="add a third side: xmodal run with the math SDPA kernel set process-wide "
+        "(benchmarks/_xmodal_sdpa_math.py); the trainer itself uses it on CPUs since commit 5c6d3f6",
     )
     p.add_argument(
         "--profile", action="store_true", help="also profile xmodal's training step (torch.profiler)"
@@ -77,14 +111,40 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="keep the runs, checkpoints and logs (WORK/train_vs_open_clip/run-PID)",
     )
-    p.add_argument("--no-write", action="store_true", help="print only; do not append to BENCHMARKS.md")
-    a = p.parse_args()
+    C.add_record_args(p)
+    a = p.parse_args(argv)
     if a.quick:
         a.steps, a.repeats, a.amp_steps = 12, 1, min(a.amp_steps, 3)
+        a.calib_steps = min(a.calib_steps, 8)
+    try:
+        a.oc_workers = [int(w) for w in a.oc_workers.split(",") if w.strip()]
+    except ValueError:
+        p.error(f"--oc-workers {a.oc_workers}: a comma list of integers, e.g. 0,1,2")
+    if not a.oc_workers or min(a.oc_workers) < 0:
+        p.error("--oc-workers: at least one worker count ≥ 0")
+    a.calib_steps = max(3, min(a.calib_steps, a.steps))
     a.profile = a.profile or a.profile_only
     a.warmup = a.warmup if a.warmup is not None else max(1, a.steps // 10)
     a.skip = a.skip if a.skip is not None else max(2, a.steps // 10)
+    a.skip = min(a.skip, max(0, a.steps - 2))
     return a
+
+
+# -- precision ------------------------------------------------------------------------------------------
+
+
+def open_clip_precision(requested: str, flags: set[str] | None = None) -> str:
+    """open_clip's fastest --precision on this CPU: amp_bf16 with native bf16 (AVX-512 BF16 / AMX), else
+    fp32 (its default `amp` is float16 autocast, emulated on CPUs; bf16 without native support likewise)."""
+    if requested != "auto":
+        return requested
+    return "amp_bf16" if C.native_bf16(flags) else "fp32"
+
+
+def _oc_dtype(precision: str) -> str:
+    if "bf16" in precision or "bfloat16" in precision:
+        return "bf16"
+    return "fp16" if precision in ("amp", "fp16", "pure_fp16") else "fp32"
 
 
 # -- data ----------------------------------------------------------------------------------------------
@@ -101,18 +161,32 @@ def pairs_csv(train_jsonl: Path, out: Path, rows: int, seed: int = 0) -> None:
     picked = [body[i % len(body)] for i in range(rows)]
     tmp.write_text(header + "".join(picked), encoding="utf-8")
     if out.is_file() and out.read_bytes() == tmp.read_bytes():
-        tmp.unlink()  # unchanged: keep the file (and with it xmodal's cache entry for it)
+        tmp.unlink()
     else:
         tmp.replace(out)  # atomic: concurrent invocations write identical bytes
+
+
+def warm_page_cache(csv: Path) -> tuple[int, int]:
+    """Read every image file the CSV names once (untimed), so neither trainer pays for the disk: both then
+    find the files in the OS page cache. Returns (files, bytes)."""
+    import csv as _csv
+
+    with open(csv, newline="", encoding="utf-8") as f:
+        paths = sorted({r["filepath"] for r in _csv.DictReader(f)})
+    total = 0
+    for p in paths:
+        with open(p, "rb") as fh:
+            total += len(fh.read())
+    return len(paths), total
 
 
 # -- the two trainers ----------------------------------------------------------------------------------
 
 
-def run_xmodal(a, csv: Path, out: Path, cache: Path, seed: int, math: bool = False) -> dict:
-    shutil.rmtree(out, ignore_errors=True)
+def xmodal_cmd(a, csv: Path, out: Path, cache: Path, seed: int, math: bool = False) -> list[str]:
+    """`xmodal train` with the same recipe as the open_clip side (flags as `xmodal train --help` has them)."""
     entry = [str(HERE / "_xmodal_sdpa_math.py")] if math else ["-m", "xmodal"]
-    cmd = [
+    return [
         sys.executable,
         *entry,
         "train",
@@ -135,7 +209,7 @@ def run_xmodal(a, csv: Path, out: Path, cache: Path, seed: int, math: bool = Fal
         "--grad-clip",
         "1.0",
         "--precision",
-        "bf16",
+        a.xm_precision,
         "--aug-crop-scale",
         "1.0" if a.no_aug else "0.9",
         "--log-every",
@@ -148,12 +222,19 @@ def run_xmodal(a, csv: Path, out: Path, cache: Path, seed: int, math: bool = Fal
         "--seed",
         str(seed),
     ]
-    r = C.run_measured(cmd, out.parent / f"{out.name}.log", env=C.xmodal_env())
+
+
+def run_xmodal(a, csv: Path, out: Path, cache: Path, seed: int, math: bool = False) -> dict:
+    """One `xmodal train` process from a cold start: `cache` is emptied first, so its wall time includes
+    decoding the training images into the cache and tokenising the captions."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(cache, ignore_errors=True)
+    cmd = xmodal_cmd(a, csv, out, cache, seed, math)
+    log = out.parent / f"{out.name}.log"
+    r = C.run_measured(cmd, log, env=C.xmodal_env())
+    shutil.rmtree(cache, ignore_errors=True)
     if r.returncode:
-        raise SystemExit(
-            f"xmodal train failed ({r.returncode}); see {out.parent / (out.name + '.log')}:\n"
-            + r.stdout[-2000:]
-        )
+        raise SystemExit(f"xmodal train failed ({r.returncode}); see {log}:\n" + r.stdout[-2000:])
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln.strip()]
     rows = [x for x in rows if "samples_per_s" in x]
     step_s = [a.batch_size / x["samples_per_s"] for x in rows]
@@ -161,8 +242,9 @@ def run_xmodal(a, csv: Path, out: Path, cache: Path, seed: int, math: bool = Fal
     return {"step_s": step_s, "losses": losses, "run": r, "ckpt": out / "checkpoints" / "latest.pt"}
 
 
-def run_open_clip(a, csv: Path, logs: Path, name: str, precision: str, seed: int, warmup: int) -> dict:
-    shutil.rmtree(logs / name, ignore_errors=True)
+def open_clip_cmd(
+    a, csv: Path, logs: Path, name: str, precision: str, seed: int, warmup: int, workers: int
+) -> list[str]:
     cmd = [
         sys.executable,
         str(HERE / "_open_clip_main.py"),
@@ -197,7 +279,7 @@ def run_open_clip(a, csv: Path, logs: Path, name: str, precision: str, seed: int
         "--precision",
         precision,
         "--workers",
-        str(a.workers),
+        str(workers),
         "--device",
         "cpu",
         "--logs",
@@ -215,29 +297,42 @@ def run_open_clip(a, csv: Path, logs: Path, name: str, precision: str, seed: int
     ]
     if a.no_aug:
         cmd += ["--aug-cfg", "scale=(1.0,1.0)"]
+    return cmd
+
+
+def run_open_clip(
+    a, csv: Path, logs: Path, name: str, precision: str, seed: int, warmup: int, workers: int
+) -> dict:
+    shutil.rmtree(logs / name, ignore_errors=True)
+    cmd = open_clip_cmd(a, csv, logs, name, precision, seed, warmup, workers)
     r = C.run_measured(cmd, logs / f"{name}.log", env=C.xmodal_env())
     if r.returncode:
         raise SystemExit(
             f"open_clip_train failed ({r.returncode}); see {logs / (name + '.log')}:\n" + r.stdout[-2000:]
         )
     m = OC_LINE.findall(r.stdout)
-    step_s = [float(x[1]) for x in m]
-    losses = [float(x[2]) for x in m]
-    return {"step_s": step_s, "losses": losses, "run": r, "ckpt": logs / name / "checkpoints" / "epoch_1.pt"}
+    if not m:
+        raise SystemExit(f"open_clip_train logged no training steps; see {logs / (name + '.log')}")
+    return {
+        "data_s": [float(x[1]) for x in m],
+        "step_s": [float(x[2]) for x in m],
+        "losses": [float(x[3]) for x in m],
+        "run": r,
+        "ckpt": logs / name / "checkpoints" / "epoch_1.pt",
+    }
 
 
 # -- evaluation with one evaluator --------------------------------------------------------------------
 
 
 def evaluate_ckpt(ckpt: Path, test, kind: str) -> dict:
-    import torch
-
     from xmodal.eval import evaluate
+    from xmodal.fsutil import load_torch_safe
     from xmodal.models import Encoder, ModelSpec, build_model, build_tokenizer, resolve_model_config
 
     cfg = resolve_model_config(ModelSpec(MODEL))
     model = build_model(ModelSpec(MODEL), cfg)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = load_torch_safe(ckpt, "checkpoint")  # weights only: never unpickles code
     sd = state["model"] if kind == "xmodal" else state["state_dict"]
     sd = {k.removeprefix("module."): v for k, v in sd.items()}
     model.load_state_dict(sd)
@@ -249,9 +344,12 @@ def evaluate_ckpt(ckpt: Path, test, kind: str) -> dict:
 # -- FLOPs and peak -----------------------------------------------------------------------------------
 
 
-def step_flops(batch: int) -> float:
+def step_flops(batch: int, bf16: bool) -> float:
     """Model FLOPs of one training step (forward + backward) of xm-tiny at `batch` (matmul/conv/attention)."""
+    import contextlib
+
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     from xmodal.models import ModelSpec, build_model, resolve_model_config
@@ -262,12 +360,12 @@ def step_flops(batch: int) -> float:
     size = cfg["vision_cfg"]["image_size"]
     x = torch.rand(batch, 3, size, size)
     tok = torch.randint(1, 1000, (batch, cfg["text_cfg"]["context_length"]))
-    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # the math kernel, because FlopCounterMode has no formula for the CPU flash-attention op (it would count
-    # the attention products as zero); the FLOPs are the same whichever kernel runs them
+    # the attention products as zero); the FLOPs are the same whichever kernel and dtype run them
+    cast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with FlopCounterMode(display=False) as fc, sdpa_kernel([SDPBackend.MATH]):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with cast:
             img = model.encode_image(x, normalize=True)
             txt = model.encode_text(tok, normalize=True)
         loss = contrastive_loss("clip", img.float(), txt.float(), model.logit_scale.exp(), None)
@@ -355,6 +453,23 @@ def encode_text_trimmed(model, text, normalize: bool = False):
     return F.normalize(x, dim=-1) if normalize else x
 
 
+class _ModuleGlobals:
+    """Attribute access to a module's globals dict (the names a function looks up at call time), so the
+    what-if variants can swap `encode_text` / `sdpa_kernel` wherever the trainer's code now lives."""
+
+    def __init__(self, g: dict) -> None:
+        object.__setattr__(self, "_g", g)
+
+    def __getattr__(self, k: str):
+        try:
+            return self._g[k]
+        except KeyError:
+            raise AttributeError(k) from None
+
+    def __setattr__(self, k: str, v) -> None:
+        self._g[k] = v
+
+
 def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
     """xmodal's training step on the real batches, in this process: a wall-clock split into phases, a
     torch.profiler op breakdown, and what-if variants of the step timed interleaved (step by step)."""
@@ -366,7 +481,12 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     from xmodal.train.config import TrainConfig
-    from xmodal.train.loop import Batcher, Trainer
+
+    try:
+        from xmodal.train.batcher import Batcher
+        from xmodal.train.trainer import Trainer
+    except ImportError:  # before the split of xmodal/train/loop.py
+        from xmodal.train.loop import Batcher, Trainer
 
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = TrainConfig(
@@ -377,12 +497,14 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
         steps=a.steps,
         lr=a.lr,
         warmup=a.warmup,
-        precision="bf16",
+        precision=a.xm_precision,
         aug_crop_scale=1.0 if a.no_aug else 0.9,
         cache_dir=str(cache),
         progress=False,
     )
     tr = Trainer(cfg)
+    xm_dtype = "fp32" if tr.autocast_dtype is None else str(tr.autocast_dtype).removeprefix("torch.")
+    xm_dtype = xm_dtype.replace("bfloat16", "bf16")
     data = tr._load(cfg.data)
     batcher = Batcher(data, tr.tokenizer, cfg, tr.dist)
     n = a.profile_steps
@@ -406,7 +528,7 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
     names = (
         "batch (Batcher.get)",
         "uint8→float pixels + augment",
-        "forward (autocast bf16)",
+        f"forward ({'autocast ' + xm_dtype if xm_dtype != 'fp32' else 'fp32'})",
         "loss + backward (remainder)",
         "grad clip",
         "optimizer.step (fused AdamW)",
@@ -462,7 +584,9 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
     ]
 
     # 3. what-if variants of Trainer.train_step, interleaved step by step on the same batches
-    import xmodal.train.loop as loop_mod
+    # the module whose globals Trainer._forward_features reads (encode_text, sdpa_kernel): patched there
+    fwd = getattr(Trainer, "_forward_features", None)
+    loop_mod = _ModuleGlobals(fwd.__globals__ if fwd is not None else vars(sys.modules[Trainer.__module__]))
 
     model = tr.model
     trims_now = hasattr(loop_mod, "encode_text")  # the trainer already drops the text padding
@@ -505,11 +629,13 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
         return ctx
 
     asis = (
-        "as is (bf16 autocast, "
+        f"as is ({xm_dtype + ' autocast' if xm_dtype != 'fp32' else 'fp32'}, "
         + ("math SDPA kernel" if math_now else "default SDPA kernel")
         + (", text trimmed)" if trims_now else ", full text)")
     )
-    variants = {asis: variant(), "fp32 (no autocast)": variant(fp32=True)}
+    variants = {asis: variant()}
+    if xm_dtype != "fp32":
+        variants["fp32 (no autocast)"] = variant(fp32=True)
     if trims_now:
         variants["text not trimmed (full context, as open_clip)"] = variant(trim=False)
     elif can_trim:
@@ -518,12 +644,14 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
         variants["default SDPA kernel (fused flash attention on CPU, as open_clip)"] = variant(
             kernel="default"
         )
-        variants["default SDPA kernel, fp32 (no autocast)"] = variant(kernel="default", fp32=True)
+        if xm_dtype != "fp32":
+            variants["default SDPA kernel, fp32 (no autocast)"] = variant(kernel="default", fp32=True)
     else:
         variants["SDPA math kernel (sdpa_kernel([SDPBackend.MATH]))"] = variant(kernel="math")
         if can_trim and not trims_now:
             variants["SDPA math + trimmed text"] = variant(kernel="math", trim=True)
-        variants["SDPA math kernel, fp32 (no autocast)"] = variant(kernel="math", fp32=True)
+        if xm_dtype != "fp32":
+            variants["SDPA math kernel, fp32 (no autocast)"] = variant(kernel="math", fp32=True)
     times: dict[str, list[float]] = {k: [] for k in variants}
     keys = list(variants)
     step = 3 + 2 * n
@@ -579,71 +707,111 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
 
 
 def steady(step_s: list[float], skip: int, batch: int) -> tuple[float, float]:
+    """(batch / median step time, batch / mean step time) over the steps after the first `skip`."""
     xs = step_s[skip:] or step_s
     return batch / C.median(xs), batch * len(xs) / sum(xs)
 
 
-def compare_dataset(a, ds: str, d: Path, bench: Path, cache: Path, amp: bool) -> tuple[str, dict]:
-    """Interleaved runs of both trainers on one data set → (Markdown block, summary)."""
+def calibrate_workers(a, ds: str, d: Path, bench: Path, precision: str) -> tuple[int, str]:
+    """Short open_clip runs at each worker count of --oc-workers; the fastest (median step) is kept.
+    Returns (best worker count, Markdown table)."""
+    if len(a.oc_workers) == 1:
+        return a.oc_workers[0], f"open_clip DataLoader workers: {a.oc_workers[0]} (given; not calibrated)."
+    csv = bench.parent / "data" / f"{ds}-calib-{a.calib_steps}x{a.batch_size}.csv"
+    pairs_csv(d / "train.jsonl", csv, a.calib_steps * a.batch_size)
+    skip = min(max(2, a.calib_steps // 10), a.calib_steps - 1)
+    rows, sps = [], {}
+    for w in a.oc_workers:
+        print(
+            f"   calibration: open_clip --precision {precision}, {w} worker(s), {a.calib_steps} steps …",
+            flush=True,
+        )
+        res = run_open_clip(
+            a, csv, bench / "oclogs", f"oc-{ds}-calib-w{w}", precision, 0, max(1, a.calib_steps // 10), w
+        )
+        sps[w] = steady(res["step_s"], skip, a.batch_size)[0]
+        data_ms = 1000 * C.median(res["data_s"][skip:] or res["data_s"])
+        print(f"      {sps[w]:.1f} samples/s, data wait {data_ms:.1f} ms/step", flush=True)
+        rows.append([w, len(res["step_s"]), sps[w], data_ms, res["run"].wall_s, 100 * res["run"].background])
+    best = max(sps, key=lambda w: sps[w])
+    for r in rows:
+        r.append("**best**" if r[0] == best else "")
+    text = (
+        f"open_clip DataLoader workers: calibration runs of {a.calib_steps} steps at "
+        f"`--precision {precision}` "
+        f"(first {skip} skipped), one per worker count; the fastest, **{best} worker(s)**, is used for the "
+        "timed open_clip runs.\n\n"
+        + C.table(
+            [
+                "workers",
+                "steps",
+                "samples/s (median step)",
+                "data wait ms/step (median)",
+                "process wall s",
+                "other procs' CPU %",
+                "kept",
+            ],
+            rows,
+        )
+    )
+    return best, text
+
+
+def compare_dataset(a, ds: str, d: Path, bench: Path, cache: Path) -> tuple[str, dict]:
+    """Calibration, then interleaved runs of both trainers on one data set → (Markdown block, summary)."""
+    from xmodal.data import load_dataset
+
     print(f"== {ds}: {a.steps} steps × batch {a.batch_size}, {a.repeats} repeat(s)", flush=True)
     csv = bench.parent / "data" / f"{ds}-{a.steps}x{a.batch_size}.csv"
     csv.parent.mkdir(parents=True, exist_ok=True)
     pairs_csv(d / "train.jsonl", csv, a.steps * a.batch_size)
-    amp_csv = bench.parent / "data" / f"{ds}-amp-{a.amp_steps}x{a.batch_size}.csv"
-    if a.amp_steps:
-        pairs_csv(d / "train.jsonl", amp_csv, a.amp_steps * a.batch_size)
-    from xmodal.data import load_dataset
+    n_files, n_bytes = warm_page_cache(csv)
+    test = load_dataset(d / "test.jsonl", 64, cache_dir=cache, progress=False)  # the evaluator's, untimed
+    oc_prec = open_clip_precision(a.oc_precision)
+    xm_dtype = C.xmodal_precision(a.xm_precision)
+    workers, calib_text = calibrate_workers(a, ds, d, bench, oc_prec)
 
-    t = time.perf_counter()
-    train_data = load_dataset(csv, 64, cache_dir=cache, progress=False)
-    cache_s = time.perf_counter() - t
-    test = load_dataset(d / "test.jsonl", 64, cache_dir=cache, progress=False)
-    print(
-        f"   xmodal cache for the training CSV: {cache_s:.1f} s "
-        f"({'hit' if train_data.from_cache else 'built'});"
-        f" {len(train_data)} images, test {len(test)} images",
-        flush=True,
-    )
-
-    math_side = "what-if: xmodal bf16 + SDPA math kernel"
-    results: dict[str, list[dict]] = {"xmodal bf16": [], "open_clip amp_bf16": [], "open_clip amp (fp16)": []}
-    sides = ["xmodal bf16", "open_clip amp_bf16"]
-    if a.what_if_math:
-        results[math_side] = []
-        sides.append(math_side)
+    labels = {
+        "xmodal": f"xmodal --precision {a.xm_precision} ({xm_dtype})",
+        "open_clip": f"open_clip --precision {oc_prec}, {workers} worker(s)",
+        "math": "what-if: xmodal + SDPA math kernel process-wide",
+        "amp": f"open_clip --precision amp (fp16), {workers} worker(s)",
+    }
+    results: dict[str, list[dict]] = {k: [] for k in labels}
+    sides = ["xmodal", "open_clip"] + (["math"] if a.what_if_math else [])
     for rep in range(a.repeats):
         for side in sides:
-            print(f"   repeat {rep + 1}: {side} …", flush=True)
-            if side.startswith(("xmodal", "what-if")):
-                res = run_xmodal(
-                    a,
-                    csv,
-                    bench / f"xm-{ds}-{rep}{'-math' if side == math_side else ''}",
-                    cache,
-                    seed=rep,
-                    math=side == math_side,
+            print(f"   repeat {rep + 1}: {labels[side]} …", flush=True)
+            if side == "open_clip":
+                res = run_open_clip(
+                    a, csv, bench / "oclogs", f"oc-{ds}-{rep}", oc_prec, rep, a.warmup, workers
                 )
             else:
-                res = run_open_clip(a, csv, bench / "oclogs", f"oc-{ds}-{rep}", "amp_bf16", rep, a.warmup)
-            res["eval"] = evaluate_ckpt(
-                res["ckpt"], test, "open_clip" if side.startswith("open_clip") else "xmodal"
-            )
+                out = bench / f"xm-{ds}-{rep}{'-math' if side == 'math' else ''}"
+                res = run_xmodal(
+                    a, csv, out, bench / f"cold-cache-{ds}-{rep}-{side}", seed=rep, math=side == "math"
+                )
+            res["eval"] = evaluate_ckpt(res["ckpt"], test, "open_clip" if side == "open_clip" else "xmodal")
             res["sps"] = steady(res["step_s"], a.skip, a.batch_size)
+            res["outside_s"] = res["run"].wall_s - sum(res["step_s"])
             print(
-                f"      {res['sps'][0]:.1f} samples/s, loss {C.median(res['losses'][-5:]):.3f}, "
+                f"      {res['sps'][0]:.1f} samples/s per step, {res['run'].wall_s:.1f} s end to end "
+                f"({res['outside_s']:.1f} s outside the steps), loss {C.median(res['losses'][-5:]):.3f}, "
                 f"t2i R@10 {res['eval']['t2i']['R@10']:.3f}, peak RSS {res['run'].peak_rss_mib:.0f} MiB",
                 flush=True,
             )
             results[side].append(res)
         if rep == 0 and a.amp_steps:
-            print("   open_clip --precision amp (float16 autocast) …", flush=True)
-            res = run_open_clip(a, amp_csv, bench / "oclogs", f"oc-{ds}-amp", "amp", 0, 1)
+            print(f"   {labels['amp']} ({a.amp_steps} steps) …", flush=True)
+            amp_csv = bench.parent / "data" / f"{ds}-amp-{a.amp_steps}x{a.batch_size}.csv"
+            pairs_csv(d / "train.jsonl", amp_csv, a.amp_steps * a.batch_size)
+            res = run_open_clip(a, amp_csv, bench / "oclogs", f"oc-{ds}-amp", "amp", 0, 1, workers)
             res["sps"] = steady(res["step_s"], 1, a.batch_size)
+            res["outside_s"] = res["run"].wall_s - sum(res["step_s"])
             print(f"      {res['sps'][0]:.2f} samples/s", flush=True)
-            results["open_clip amp (fp16)"].append(res)
+            results["amp"].append(res)
 
-    rows = []
-    med = {}
+    rows, med = [], {}
     for side, runs in results.items():
         if not runs:
             continue
@@ -652,19 +820,24 @@ def compare_dataset(a, ds: str, d: Path, bench: Path, cache: Path, amp: bool) ->
         def m(f, ev=ev):
             return C.median([f(e) for e in ev]) if ev else None
 
-        sps = C.median([r["sps"][0] for r in runs])
-        med[side] = {"sps": sps, "R@10": m(lambda e: e["t2i"]["R@10"])}
-        best = max(r["sps"][0] for r in runs)
-        med[side]["best"] = best
+        med[side] = {
+            "sps": C.median([r["sps"][0] for r in runs]),
+            "best": max(r["sps"][0] for r in runs),
+            "wall": C.median([r["run"].wall_s for r in runs]),
+            "best_wall": min(r["run"].wall_s for r in runs),
+            "R@10": m(lambda e: e["t2i"]["R@10"]),
+        }
         rows.append(
             (
-                side,
+                labels[side],
                 len(runs),
                 len(runs[0]["step_s"]),
-                sps,
-                best,
+                med[side]["sps"],
+                med[side]["best"],
                 C.median([r["sps"][1] for r in runs]),
-                C.median([r["run"].wall_s for r in runs]),
+                med[side]["wall"],
+                C.median([r["outside_s"] for r in runs]),
+                C.median([len(r["step_s"]) * a.batch_size / r["run"].wall_s for r in runs]),
                 C.median([r["run"].peak_rss_mib for r in runs]),
                 C.median([r["run"].peak_tree_pss_mib for r in runs]),
                 C.median([C.median(r["losses"][-5:]) for r in runs]) if ev else None,
@@ -680,10 +853,12 @@ def compare_dataset(a, ds: str, d: Path, bench: Path, cache: Path, amp: bool) ->
         "trainer",
         "runs",
         "steps",
-        "samples/s (median step; median run)",
-        "samples/s (best run)",
-        "samples/s (mean step; median run)",
-        "process wall s",
+        "per step: samples/s (median step; median run)",
+        "per step: samples/s (best run)",
+        "per step: samples/s (mean step; median run)",
+        "end to end: process wall s (median run)",
+        "of which outside the steps s",
+        "end to end: samples/s (steps × batch / wall)",
         "peak RSS MiB",
         "peak PSS MiB (incl. workers)",
         "final loss (last 5)",
@@ -694,82 +869,110 @@ def compare_dataset(a, ds: str, d: Path, bench: Path, cache: Path, amp: bool) ->
         "i2t R@10",
         "other procs' CPU %",
     ]
-    ratio_rows = []
-    per_rep = [
-        x["sps"][0] / o["sps"][0]
-        for x, o in zip(results["xmodal bf16"], results["open_clip amp_bf16"], strict=True)
-    ]
-    ratio_rows.append(
+    xm, oc = results["xmodal"], results["open_clip"]
+    step_rep = [x["sps"][0] / o["sps"][0] for x, o in zip(xm, oc, strict=True)]
+    e2e_rep = [o["run"].wall_s / x["run"].wall_s for x, o in zip(xm, oc, strict=True)]
+    vs = f"{labels['xmodal']} vs {labels['open_clip']}"
+    ratio_rows = [
         (
-            "xmodal / open_clip amp_bf16 samples/s (median of per-repeat ratios)",
-            C.median(per_rep),
-            ", ".join(f"{r:.2f}" for r in per_rep),
-        )
-    )
-    ratio_rows.append(
+            "**per step**: samples/s ratio (median of per-repeat ratios)",
+            C.median(step_rep),
+            ", ".join(f"{r:.2f}" for r in step_rep),
+        ),
         (
-            "xmodal / open_clip amp_bf16 samples/s (best run / best run)",
-            med["xmodal bf16"]["best"] / med["open_clip amp_bf16"]["best"],
+            "per step: samples/s ratio (best run / best run)",
+            med["xmodal"]["best"] / med["open_clip"]["best"],
             "best runs",
-        )
-    )
-    if a.what_if_math:
-        per = [
-            x["sps"][0] / o["sps"][0]
-            for x, o in zip(results[math_side], results["open_clip amp_bf16"], strict=True)
-        ]
+        ),
+        (
+            "**end to end**: open_clip wall / xmodal wall (median of per-repeat ratios)",
+            C.median(e2e_rep),
+            ", ".join(f"{r:.2f}" for r in e2e_rep),
+        ),
+        (
+            "end to end: shortest open_clip wall / shortest xmodal wall",
+            med["open_clip"]["best_wall"] / med["xmodal"]["best_wall"],
+            "best runs",
+        ),
+    ]
+    if results["math"]:
+        per = [x["sps"][0] / o["sps"][0] for x, o in zip(results["math"], oc, strict=True)]
         ratio_rows.append(
             (
-                "what-if xmodal + SDPA math / open_clip amp_bf16 (median of per-repeat ratios)",
+                "what-if xmodal + SDPA math vs open_clip: per-step ratio (median of per-repeat ratios)",
                 C.median(per),
                 ", ".join(f"{r:.2f}" for r in per),
             )
         )
+    if results["amp"]:
         ratio_rows.append(
             (
-                "what-if xmodal + SDPA math / open_clip amp_bf16 (best run / best run)",
-                med[math_side]["best"] / med["open_clip amp_bf16"]["best"],
+                "per step: xmodal / open_clip --precision amp (fp16) samples/s",
+                med["xmodal"]["best"] / med["amp"]["best"],
                 "best runs",
             )
         )
-    if results["open_clip amp (fp16)"]:
-        r = med["xmodal bf16"]["best"] / med["open_clip amp (fp16)"]["best"]
-        ratio_rows.append(("xmodal / open_clip amp (fp16) samples/s", r, "best runs"))
     r10 = {
-        k: ", ".join(f"{r['eval']['t2i']['R@10']:.3f}" for r in v)
+        labels[k]: ", ".join(f"{r['eval']['t2i']['R@10']:.3f}" for r in v)
         for k, v in results.items()
-        if v and k != "open_clip amp (fp16)"
+        if v and k != "amp"
     }
     ratio_rows.append(
         (
-            "t2i R@10 xmodal − open_clip amp_bf16 (medians)",
-            med["xmodal bf16"]["R@10"] - med["open_clip amp_bf16"]["R@10"],
+            "t2i R@10 xmodal − open_clip (medians)",
+            med["xmodal"]["R@10"] - med["open_clip"]["R@10"],
             "; ".join(f"{k}: {v}" for k, v in r10.items()),
         )
     )
-    summary = {"ratio_bf16": C.median(per_rep), "sps": {k: v["best"] for k, v in med.items()}}
+    summary = {
+        "ratio_step": C.median(step_rep),
+        "ratio_e2e": C.median(e2e_rep),
+        "sps": {labels[k]: v["best"] for k, v in med.items()},
+        "dtype": {
+            labels[k]: (
+                xm_dtype if k in ("xmodal", "math") else _oc_dtype(oc_prec if k == "open_clip" else "amp")
+            )
+            for k in med
+        },
+    }
     n_test_q = len([c for cs in test.captions for c in cs])
+    n_train = len({ln.split(",", 1)[0] for ln in csv.read_text(encoding="utf-8").splitlines()[1:]})
+    auto_note = ""
+    if a.xm_precision == "auto" and (xm_dtype == "bf16") != C.native_bf16():
+        auto_note = (
+            f" Note: xmodal's `--precision auto` chose {xm_dtype} although this CPU "
+            f"{'has' if C.native_bf16() else 'has no'} native bf16."
+        )
     block = (
-        f"**{ds}** — {a.steps} steps × batch {a.batch_size} ({len(train_data)} training images, "
-        f"{a.steps * a.batch_size} pairs), test: {len(test)} images / {n_test_q} captions; "
-        f"samples/s skip the first {a.skip} steps; amp row: {a.amp_steps} steps, first skipped, "
-        "not evaluated. "
-        f"xmodal decoded the training images into its cache once in {cache_s:.1f} s before the timed runs "
-        f"({'cache hit' if train_data.from_cache else 'built now'}).\n\n"
+        f"**{ds}** — {vs}. {a.steps} steps × batch {a.batch_size} ({n_train} training images, "
+        f"{a.steps * a.batch_size} pairs), test: {len(test)} images / {n_test_q} captions. Per-step "
+        f"samples/s skip the first {a.skip} steps. End to end = the whole process: start-up, data (xmodal: "
+        "decoding every training image into a new, empty cache folder, and tokenising; open_clip: its "
+        "DataLoader), the steps, the final checkpoint. The "
+        f"{n_files} image files ({n_bytes / 2**20:.0f} MiB) were read once before the timed runs, so both "
+        f"sides found them in the OS page cache. open_clip's precision: {oc_prec} "
+        f"({'this CPU has native bf16' if C.native_bf16() else 'no native bf16 on this CPU'}); xmodal's "
+        f"`--precision {a.xm_precision}` ran {xm_dtype}.{auto_note}"
+        + (f" amp row: {a.amp_steps} steps, first skipped, not evaluated." if a.amp_steps else "")
+        + "\n\n"
+        + calib_text
+        + "\n\n"
         + C.table(headers, rows)
         + "\n\n"
-        + C.table(["ratio", "value", "per repeat"], ratio_rows)
+        + C.table(["ratio (xmodal faster when > 1)", "value", "per repeat"], ratio_rows)
     )
     return block, summary
 
 
-def main() -> None:
-    a = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    a = parse_args(argv)
     started = time.time()
     machine = C.machine_line()
-    peak0 = C.matmul_peak()
+    native = C.native_bf16()
+    peak0 = C.matmul_peak(bf16_reps=None if native else 2)
     work = a.work_dir
-    dirs = C.dataset_dirs(work, [d.strip() for d in a.datasets.split(",") if d.strip()])
+    names = [d.strip() for d in a.datasets.split(",") if d.strip()]
+    dirs = C.dataset_dirs(work, names, shapes_images=a.shapes_images)
     bench = work / "train_vs_open_clip" / f"run-{os.getpid()}"  # concurrent invocations never share run dirs
     cache = work / "cache"
     blocks, summary = [], {}
@@ -789,33 +992,41 @@ def main() -> None:
             prof = f"(profile failed: {type(e).__name__}: {e})"
         prof_text = "\n\n**Profile of xmodal's training step** (" + first + "):\n\n" + prof
     if not a.profile_only:
-        for i, (ds, d) in enumerate(dirs.items()):
-            blocks.append("")
-            blocks[-1], summary[ds] = compare_dataset(a, ds, d, bench, cache, amp=i == 0)
+        for ds, d in dirs.items():
+            block, summary[ds] = compare_dataset(a, ds, d, bench, cache)
+            blocks.append(block)
     # FLOPs of one step vs this CPU's matmul peak; achieved = median samples/s × FLOPs per sample
-    flops = step_flops(a.batch_size)
-    peak = {k: max(v, peak0[k]) for k, v in C.matmul_peak().items()}  # best of start and end
+    flops = step_flops(a.batch_size, bf16=native)
+    peak1 = C.matmul_peak(bf16_reps=None if native else 2)
+    peak = {k: max(v, peak0[k]) for k, v in peak1.items()}  # best of start and end
+    peak_of = {"bf16": peak["bfloat16"], "fp32": peak["float32"]}
     body = "\n\n".join(blocks) + (
         f"\n\nModel FLOPs per training step (forward + backward, batch {a.batch_size}, counted by "
         "torch.utils.flop_counter: matmuls incl. attention, full 32-token text context): "
         f"**{flops / 1e9:.1f} GFLOP** ({flops / a.batch_size / 1e6:.0f} MFLOP per sample). "
         "Matmul peak of this "
         f"CPU (2048³ matmul, best of 10, all threads): fp32 {peak['float32'] / 1e9:.0f} GFLOP/s, "
-        f"bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s.\n\n"
+        f"bf16 {peak['bfloat16'] / 1e9:.0f} GFLOP/s"
+        + ("" if native else " (no native bf16: emulated)")
+        + ".\n\n"
     )
     ach_rows = [
         (
             ds,
             label + " (best run)",
             sps * flops / a.batch_size / 1e9,
-            100 * sps * flops / a.batch_size / peak["bfloat16"],
+            s["dtype"][label],
+            100 * sps * flops / a.batch_size / peak_of.get(s["dtype"][label], peak["float32"]),
         )
         for ds, s in summary.items()
         for label, sps in s["sps"].items()
     ]
-    body += (
-        C.table(["data", "trainer", "achieved model GFLOP/s", "% of bf16 matmul peak"], ach_rows) + prof_text
-    )
+    if ach_rows:
+        body += C.table(
+            ["data", "trainer", "achieved model GFLOP/s", "precision", "% of that precision's matmul peak"],
+            ach_rows,
+        )
+    body += prof_text
     C.record(
         "train_vs_open_clip",
         "Training: xmodal vs open_clip_train" + (" (--quick)" if a.quick else ""),
@@ -823,7 +1034,13 @@ def main() -> None:
         machine,
         started=started,
         write=not a.no_write,
+        path=a.record_to,
     )
+    for ds, s in summary.items():
+        print(
+            f"{ds}: xmodal / open_clip per step {s['ratio_step']:.2f}×, end to end {s['ratio_e2e']:.2f}×",
+            flush=True,
+        )
     if not a.keep:
         shutil.rmtree(bench, ignore_errors=True)
 
