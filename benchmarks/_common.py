@@ -82,19 +82,11 @@ def _torch_kernels(torch) -> str:
 
 def xmodal_precision(precision: str = "auto") -> str:
     """What xmodal's --precision resolves to on this CPU ("bf16" or "fp32"), by xmodal's own rule."""
-    import importlib
-
     import torch
 
-    for mod in ("xmodal.train.precision", "xmodal.train.trainer", "xmodal.train.loop"):
-        try:
-            resolve = importlib.import_module(mod).resolve_precision
-            break
-        except (ImportError, AttributeError):
-            continue
-    else:
-        return "?"
-    dt = resolve(precision, torch.device("cpu"))
+    from xmodal.train.precision import resolve_precision
+
+    dt = resolve_precision(precision, torch.device("cpu"))
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dt, str(dt))
 
 

@@ -480,13 +480,9 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
+    from xmodal.train.batcher import Batcher
     from xmodal.train.config import TrainConfig
-
-    try:
-        from xmodal.train.batcher import Batcher
-        from xmodal.train.trainer import Trainer
-    except ImportError:  # before the split of xmodal/train/loop.py
-        from xmodal.train.loop import Batcher, Trainer
+    from xmodal.train.trainer import Trainer
 
     shutil.rmtree(run_dir, ignore_errors=True)
     cfg = TrainConfig(
