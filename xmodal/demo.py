@@ -48,7 +48,8 @@ def demo(
         progress=progress,
     )
     console.print(f"[bold]2/4[/] training {model} for {steps} steps → {cfg.out}")
-    trainer = Trainer(cfg, resume=True)  # re-running the demo continues or reuses the finished run
+    resume = (Path(cfg.out) / "checkpoints" / "latest.pt").is_file()  # a re-run continues or reuses it
+    trainer = Trainer(cfg, resume=resume)
     run = trainer.fit()
     console.print("[bold]3/4[/] test-split retrieval (1,000 images)")
     test = load_dataset(splits["test"], trainer.encoder.image_size, progress=False)
