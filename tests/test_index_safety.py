@@ -130,6 +130,26 @@ def test_add_and_delete_refuse_while_another_process_writes(vec_index):
     assert len(again) == 21 and again.row_of("i1") is None and again.row_of("new1") is not None
 
 
+def test_a_save_never_overwrites_another_writers_save(vec_index):
+    """Two writers open the same index; the second to save would silently drop the first's change."""
+    rng = np.random.default_rng(3)
+    first, second = open_index(vec_index), open_index(vec_index)
+    first.delete(["i2"])
+    first.save()
+    second.add_embedded(_embedded(["late"], rng))
+    with pytest.raises(UserError, match="another writer saved this index") as e:
+        second.save()
+    assert "\n" not in str(e.value)
+    on_disk = open_index(vec_index)
+    assert on_disk.row_of("i2") is None and on_disk.row_of("late") is None  # the first change is kept
+    again = open_index(vec_index)  # reopened, the change goes through
+    again.add_embedded(_embedded(["late"], rng))
+    again.save()
+    again.delete(["late"])
+    again.save()  # and one object saves repeatedly
+    assert open_index(vec_index).row_of("late") is None and len(open_index(vec_index)) == 19
+
+
 def test_an_unsaved_index_needs_no_lock(tmp_path):
     idx = SearchIndex.from_vectors(unit(np.random.default_rng(2), 5, D))
     assert idx.delete(["0"]) == 1 and idx.path is None

@@ -41,11 +41,21 @@ class PersistMixin:
             raise UserError("save(): no path given")
         final = final.absolute()
         with fsutil.locked(final):
+            revision = int(self.info.get("revision", 0))
+            if final == self.path and _revision_on_disk(final) not in (None, revision):
+                raise UserError(
+                    f"{final}: another writer saved this index after it was opened here; open it again "
+                    "and repeat the change (saving now would lose theirs)"
+                )
             tmp = fsutil.temp_dir_for(final)
+            self.info["revision"] = revision + 1
             try:
                 self._write(tmp)
                 self.thumbs.close()
                 fsutil.replace_dir(tmp, final)
+            except BaseException:
+                self.info["revision"] = revision
+                raise
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         self.path = final
@@ -121,6 +131,14 @@ def migrate_info(info: dict[str, Any]) -> dict[str, Any]:
         old = model.pop("seeded_random_init")
         model.setdefault("random_init", bool(old))
     return info
+
+
+def _revision_on_disk(folder: Path) -> int | None:
+    """The save count index.json records (each save adds one), None where there is no readable one."""
+    try:
+        return int(json.loads((folder / "index.json").read_text()).get("revision", 0))
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def open_index(path: str | Path, encoder: Any = None, mmap: bool = True) -> Any:
