@@ -98,6 +98,18 @@ def _cmyk_to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def decode_pixels(img: Image.Image) -> Image.Image:
+    """An opened image's pixels, turned upright by its EXIF orientation, as RGB. Raises on corrupt data."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # truncation / EXIF / palette warnings: errors are what count
+        img.load()
+        try:
+            img = ImageOps.exif_transpose(img) or img
+        except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
+            pass
+        return to_rgb(img)
+
+
 def load_image(src: str | bytes, stats: DataStats | None = None,
                max_pixels: int = 64_000_000) -> Image.Image | None:
     """Decode src (path or bytes) to 8-bit RGB. Never raises for bad image data: returns None and counts
@@ -121,14 +133,7 @@ def load_image(src: str | bytes, stats: DataStats | None = None,
             if not _fit_limit(img, max_pixels):
                 stats.add("too_large")
                 return None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # truncation / EXIF / palette warnings: errors are what count
-                img.load()
-                try:
-                    img = ImageOps.exif_transpose(img) or img
-                except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
-                    pass
-                return to_rgb(img)
+            return decode_pixels(img)
         except Exception:  # noqa: BLE001 - truncated or corrupt pixel data, or any decoder failure
             stats.add("corrupt_image")
             return None

@@ -10,7 +10,7 @@ import io
 import math
 import warnings
 
-from PIL import Image, ImageOps
+from PIL import Image
 from starlette.exceptions import HTTPException
 
 from xmodal.serve.middleware import TooLarge
@@ -23,7 +23,7 @@ _JPEG_SCALES = (2, 4, 8)  # reductions libjpeg decodes directly (Image.draft)
 
 def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
     """Uploaded bytes → RGB PIL image, or a 400/413 HTTPException (bombs are refused from the header)."""
-    from xmodal.data.decode import to_rgb
+    from xmodal.data.decode import decode_pixels
 
     try:
         with warnings.catch_warnings():
@@ -39,14 +39,7 @@ def decode_upload(data: bytes, max_pixels: int) -> Image.Image:
     if w * h > max_pixels and not _draft_under(img, max_pixels):
         raise TooLarge(f"image is {w}×{h} = {w * h} pixels; the limit is {max_pixels}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # truncation / EXIF / palette warnings: errors are what count
-            img.load()
-            try:
-                img = ImageOps.exif_transpose(img) or img
-            except Exception:  # noqa: BLE001 - a broken EXIF block is not a broken image
-                pass
-            return to_rgb(img)
+        return decode_pixels(img)
     except Exception:  # noqa: BLE001 - truncated or corrupt pixel data, or any decoder failure
         raise HTTPException(400, "file: not a decodable image (corrupt or truncated)") from None
 
