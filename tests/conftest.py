@@ -69,6 +69,13 @@ def run_cli(
     return proc
 
 
+def assert_one_line_error(p: subprocess.CompletedProcess, needle: str) -> None:
+    """A CLI refusal as users should see it: exit 2, one stderr line naming `needle`, no traceback."""
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and needle in err[0] and "Traceback" not in p.stderr, p.stderr
+
+
 # Headless Chromium as root on this closed network: no sandbox, no background connections.
 CHROMIUM_ARGS = [
     "--headless",

@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import assert_one_line_error, run_cli
 
 
 class _CreatesAFile:
@@ -16,12 +16,6 @@ class _CreatesAFile:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
-
-
-def _one_line_error(p, needle):
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and needle in err[0] and "Traceback" not in p.stderr, p.stderr
 
 
 def test_crafted_checkpoint_and_pretrained_file_are_refused_not_executed(tiny_manifest, tmp_path):
@@ -44,14 +38,14 @@ def test_crafted_checkpoint_and_pretrained_file_are_refused_not_executed(tiny_ma
     latest.unlink()  # a hard link to step_1.pt: write a new file instead of through the link
     torch.save({**real, "model": _CreatesAFile(marker)}, latest)
 
-    _one_line_error(run_cli("eval", str(run), "--data", str(tiny_manifest), check=False), "latest.pt")
-    _one_line_error(run_cli("export", str(run), str(tmp_path / "exp"), check=False), "latest.pt")
-    _one_line_error(
+    assert_one_line_error(run_cli("eval", str(run), "--data", str(tiny_manifest), check=False), "latest.pt")
+    assert_one_line_error(run_cli("export", str(run), str(tmp_path / "exp"), check=False), "latest.pt")
+    assert_one_line_error(
         run_cli("train", *common, "--steps", "2", "--out", str(run), "--resume", check=False), "latest.pt"
     )
     crafted = tmp_path / "weights.pt"
     torch.save({"state_dict": _CreatesAFile(marker)}, crafted)
-    _one_line_error(
+    assert_one_line_error(
         run_cli(
             "train",
             *common,

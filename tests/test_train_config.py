@@ -8,18 +8,12 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import run_cli, write_tiny_manifest
+from tests.conftest import assert_one_line_error, run_cli, write_tiny_manifest
 from xmodal.errors import UserError
 from xmodal.train import cli
 from xmodal.train.config import FIELD_NAMES, resolve_config
 
 MICRO = ["--model", "xm-micro", "--precision", "fp32", "--no-progress", "--batch-size", "8"]
-
-
-def _one_line_error(p, needle):
-    assert p.returncode == 2, (p.stdout, p.stderr)
-    err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and needle in err[0] and "Traceback" not in p.stderr, p.stderr
 
 
 def test_yaml_values_are_converted_to_the_field_type_or_rejected_by_key(tmp_path):
@@ -54,7 +48,7 @@ def test_yaml_type_error_is_one_line_on_the_command_line(tiny_manifest, tmp_path
         str(tmp_path / "r"),
         check=False,
     )
-    _one_line_error(p, "lr")
+    assert_one_line_error(p, "lr")
 
 
 def test_every_config_field_has_a_flag():
@@ -129,7 +123,7 @@ def test_bad_values_are_one_line_errors(tiny_manifest, tmp_path, args, needle):
         *args,
         check=False,
     )
-    _one_line_error(p, needle)
+    assert_one_line_error(p, needle)
 
 
 def test_val_without_eval_every_evaluates_at_the_end(tiny_manifest, tmp_path):
@@ -167,7 +161,7 @@ def test_resume_without_checkpoint_refuses_and_keeps_metrics(tiny_manifest, tmp_
         "--resume",
         check=False,
     )
-    _one_line_error(p, "--resume")
+    assert_one_line_error(p, "--resume")
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 1.0}\n'
 
 
@@ -182,7 +176,7 @@ def test_resume_of_a_different_run_is_refused_unless_overridden(tiny_manifest, t
         (["--data", str(other)], "--data"),
     ]:
         p = run_cli(*base, "--steps", "3", "--resume", *args, check=False)
-        _one_line_error(p, needle)
+        assert_one_line_error(p, needle)
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
     run_cli(*base, "--steps", "3", "--resume", "--seed", "1", "--resume-override")
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
