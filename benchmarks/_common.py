@@ -13,6 +13,7 @@ import contextlib
 import csv
 import datetime as _dt
 import fcntl
+import io
 import json
 import os
 import platform
@@ -308,12 +309,13 @@ def write_pairs_csv(jsonl: Path, out: Path, max_rows: int | None = None) -> int:
     if max_rows is not None:
         rows = rows[:max_rows]
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["filepath", "title"])
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(out)
+    from xmodal.fsutil import write_text_atomic
+
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=["filepath", "title"])
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(out, buf.getvalue())
     return len(rows)
 
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
-from xmodal.fsutil import write_text_atomic
+from xmodal.fsutil import write_atomic, write_text_atomic
 
 
 class MetricsLog:
@@ -113,7 +112,5 @@ def plot_loss_curve(metrics: Path, out: Path) -> None:
         ax2.set_ylabel("R@1")
     ax.set_title(metrics.parent.name)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, out)
