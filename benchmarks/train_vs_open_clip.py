@@ -353,7 +353,7 @@ def step_flops(batch: int, bf16: bool) -> float:
     from torch.utils.flop_counter import FlopCounterMode
 
     from xmodal.models import ModelSpec, build_model, resolve_model_config
-    from xmodal.objectives import contrastive_loss
+    from xmodal.objectives import clip_loss
 
     cfg = resolve_model_config(ModelSpec(MODEL))
     model = build_model(ModelSpec(MODEL), cfg)
@@ -368,7 +368,7 @@ def step_flops(batch: int, bf16: bool) -> float:
         with cast:
             img = model.encode_image(x, normalize=True)
             txt = model.encode_text(tok, normalize=True)
-        loss = contrastive_loss("clip", img.float(), txt.float(), model.logit_scale.exp(), None)
+        loss = clip_loss(img.float(), txt.float(), model.logit_scale.exp())
         loss.backward()
     return float(fc.get_total_flops())
 

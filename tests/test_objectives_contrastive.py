@@ -6,7 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from xmodal.objectives import clip_loss, contrastive_loss, siglip_loss
+from xmodal.objectives import Composite, clip_loss, siglip_loss
 
 
 def _feats(n, d, seed):
@@ -67,4 +67,5 @@ def test_clip_loss_prefers_matching_pairs():
     img = _feats(5, 8, 6)
     t = torch.tensor(20.0, dtype=torch.float64)
     assert clip_loss(img, img, t) < clip_loss(img, img.roll(1, 0), t)
-    assert contrastive_loss("clip", img, img, t).item() == clip_loss(img.float(), img.float(), t).item()
+    total, terms = Composite.from_config("clip")(img, img, t)
+    assert total.item() == terms["clip"].item() == clip_loss(img.float(), img.float(), t).item()

@@ -24,6 +24,11 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def terms(run: Path) -> dict[int, dict[str, float]]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["losses"] for r in rows if "losses" in r}
+
+
 def weights(run: Path) -> dict[str, torch.Tensor]:
     return torch.load(run / "checkpoints" / "latest.pt", weights_only=True)["model"]
 
@@ -106,7 +111,10 @@ def test_fresh_run_refuses_to_overwrite_and_resume_of_finished_run_is_a_no_op(ti
     assert losses(out) == before
 
 
-@pytest.mark.parametrize("objective, sharding", [("clip", []), ("siglip", []), ("clip", ["--fsdp"])])
+@pytest.mark.parametrize(
+    "objective, sharding",
+    [("clip", []), ("siglip", []), ("clip", ["--fsdp"]), ("clip+uniformity:0.1+alignment:0.1", [])],
+)
 def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objective, sharding):
     """Same global batch of 8: torchrun with 2 CPU processes (4 each) vs one process, with replicated
     (data-parallel) or sharded (FSDP) parameters. Tolerance: 1e-5 on losses and weights (float32
@@ -160,12 +168,17 @@ def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objecti
     assert sorted(a) == sorted(b) == list(range(1, 7))
     for step in a:
         assert abs(a[step] - b[step]) < 1e-5, (step, a[step], b[step])
+    ta, tb = terms(single), terms(double)  # and each objective's term on its own
+    assert ta.keys() == tb.keys() and set(ta[1]) == {o.split(":")[0] for o in objective.split("+")}
+    for step in ta:
+        for name in ta[step]:
+            assert abs(ta[step][name] - tb[step][name]) < 1e-5, (step, name)
     assert max_weight_diff(single, double) < 1e-5
     # and the model actually moved: the test would notice a run that trains nothing
     assert a[6] < a[1]
 
 
-@pytest.mark.parametrize("objective", ["clip", "siglip"])
+@pytest.mark.parametrize("objective", ["clip", "siglip", "clip+uniformity:0.1(t=3)+alignment:0.1"])
 def test_cached_feature_accumulation_equals_the_full_batch(tiny_manifest, tmp_path, objective):
     """GradCache: 4 micro-batches of 2 give the same losses and weights as one batch of 8."""
     runs = {}

@@ -20,6 +20,7 @@ app = typer.Typer(
 # Each module has `register(app: typer.Typer) -> None`. Add a stage here when it gains commands.
 _STAGES = (
     "xmodal.data.cli",
+    "xmodal.objectives.cli",
     "xmodal.train.cli",
     "xmodal.eval.cli",
     "xmodal.index.cli",

@@ -1,5 +1,16 @@
-"""Training objectives, one file per loss family."""
+"""Training objectives, one file per loss family, registered by name (`xmodal objectives` lists them)."""
 
-from xmodal.objectives.contrastive import clip_loss, contrastive_loss, gather_with_grad, siglip_loss
+from xmodal.objectives import contrastive, geometry  # noqa: F401  (registers the objectives)
+from xmodal.objectives.contrastive import clip_loss, siglip_loss
+from xmodal.objectives.registry import REGISTRY, Composite, Features, Objective, gather_with_grad, register
 
-__all__ = ["clip_loss", "contrastive_loss", "gather_with_grad", "siglip_loss"]
+__all__ = [
+    "REGISTRY",
+    "Composite",
+    "Features",
+    "Objective",
+    "clip_loss",
+    "gather_with_grad",
+    "register",
+    "siglip_loss",
+]

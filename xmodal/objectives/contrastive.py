@@ -1,4 +1,4 @@
-"""Contrastive objectives: CLIP's InfoNCE and SigLIP's pairwise sigmoid loss.
+"""Contrastive objectives: CLIP's InfoNCE and SigLIP's pairwise sigmoid loss (registered as `clip`, `siglip`).
 
 Both are exact under data parallelism: each rank scores its own rows against the features of the
 whole global batch, gathered *with* gradients, and returns the mean over its rows. Averaging the
@@ -8,23 +8,12 @@ loss on the global batch.
 
 from __future__ import annotations
 
+import math
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate `x` from all ranks in rank order; gradients flow back to every rank's slice
-    (the backward of an all-gather is a reduce-scatter of the gradients)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    from torch.distributed._functional_collectives import all_gather_tensor_autograd
-
-    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+from xmodal.objectives.registry import Features, Objective, register
 
 
 def clip_loss(
@@ -68,23 +57,24 @@ def siglip_loss(
     return -F.logsigmoid(signs * logits).sum() / b
 
 
-def contrastive_loss(
-    kind: str,
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale: torch.Tensor,
-    logit_bias: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The trainer's entry point: gathers features across ranks (with gradients) and applies `kind`."""
-    image_features = image_features.float()
-    text_features = text_features.float()
-    offset = _rank() * image_features.shape[0]
-    all_txt = gather_with_grad(text_features)
-    if kind == "clip":
-        all_img = gather_with_grad(image_features)
-        return clip_loss(image_features, text_features, logit_scale, all_img, all_txt, offset)
-    if kind == "siglip":
-        if logit_bias is None:
+@register
+class Clip(Objective):
+    name = "clip"
+    description = "symmetric InfoNCE over the global batch (image→text and text→image cross-entropy)"
+    paper = "Radford et al. 2021, Learning Transferable Visual Models From Natural Language Supervision"
+
+    def terms(self, f: Features) -> dict[str, torch.Tensor]:
+        return {"clip": clip_loss(f.image, f.text, f.logit_scale, f.all_image, f.all_text, f.offset)}
+
+
+@register
+class SigLIP(Objective):
+    name = "siglip"
+    description = "pairwise sigmoid loss over every (image, text) pair of the global batch, learned bias"
+    paper = "Zhai et al. 2023, Sigmoid Loss for Language Image Pre-Training"
+    model_init = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
+
+    def terms(self, f: Features) -> dict[str, torch.Tensor]:
+        if f.logit_bias is None:
             raise ValueError("siglip needs a model with logit_bias (init_logit_bias in the model config)")
-        return siglip_loss(image_features, text_features, logit_scale, logit_bias, all_txt, offset)
-    raise ValueError(f"unknown objective {kind!r}")
+        return {"siglip": siglip_loss(f.image, f.text, f.logit_scale, f.logit_bias, f.all_text, f.offset)}

@@ -36,7 +36,11 @@ def train(
     lock_text_unlocked_layers: int | None = typer.Option(
         None, help="With --lock-text: the last N transformer layers still train."
     ),
-    objective: str | None = typer.Option(None, help="clip (InfoNCE) or siglip (sigmoid)."),
+    objective: str | None = typer.Option(
+        None,
+        help="Objectives by name, joined by + with optional :WEIGHT and (KEY=VALUE,…): clip, siglip, "
+        "clip+uniformity:0.1 … (`xmodal objectives` lists them).",
+    ),
     batch_size: int | None = typer.Option(None, help="Global batch = the negatives each sample sees."),
     accum_steps: int | None = typer.Option(
         None, help="Micro-batches per step (cached features, full negatives)."

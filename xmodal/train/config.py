@@ -29,7 +29,9 @@ class TrainConfig:
     lock_text: bool = False
     lock_image_unlocked_groups: int = 0  # LiT: the last N layer groups of a locked image tower still train
     lock_text_unlocked_layers: int = 0  # the last N layers of a locked text tower still train
-    objective: str = "clip"  # clip | siglip
+    # objectives by name, composed by weight: "clip", "clip+uniformity:0.1(t=3)" (`xmodal objectives`);
+    # in YAML also a list of {name, weight, params} (key `objectives`)
+    objective: str | list = "clip"
     # optimisation
     batch_size: int = 128  # global batch (all ranks, all accumulation steps): the set of negatives
     accum_steps: int = 1  # micro-batches per step; features are cached so negatives stay the full batch
@@ -73,7 +75,6 @@ FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
 PROBABILITIES = ("aug_flip", "aug_word_drop")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-OBJECTIVES = ("clip", "siglip")
 
 
 def _flag(name: str) -> str:
@@ -89,6 +90,10 @@ def coerce(name: str, value: Any) -> Any:
         if value is None:
             return None
         typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if isinstance(typ, types.UnionType):  # str | list: a spec string, or a YAML list
+        if isinstance(value, (str, list)):
+            return value
+        raise UserError(f"{name}: expected a string or a list, got {value!r}")
     want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[typ]
     if typ is bool:
         if isinstance(value, bool):
@@ -129,6 +134,10 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise UserError(f"--config {path}: expected a mapping of option: value")
     raw = {str(k).replace("-", "_"): v for k, v in raw.items()}
+    if "objectives" in raw:  # the YAML list form of --objective
+        if "objective" in raw:
+            raise UserError(f"--config {path}: give objective or objectives, not both")
+        raw["objective"] = raw.pop("objectives")
     unknown = sorted(set(raw) - FIELD_NAMES)
     if unknown:
         raise UserError(f"--config {path}: unknown option(s) {', '.join(unknown)}")
@@ -157,8 +166,9 @@ def resolve_config(
 def validate(cfg: TrainConfig) -> None:
     if not cfg.data:
         raise UserError("--data is required: a manifest (JSONL/CSV/TSV), image folder or .tar shards")
-    if cfg.objective not in OBJECTIVES:
-        raise UserError(f"--objective {cfg.objective}: use {' or '.join(OBJECTIVES)}")
+    from xmodal.objectives import Composite
+
+    Composite.from_config(cfg.objective)  # unknown names or parameters: a one-line error listing them
     if cfg.precision not in PRECISIONS:
         raise UserError(f"--precision {cfg.precision}: use {', '.join(PRECISIONS)}")
     if cfg.batch_size < 2:

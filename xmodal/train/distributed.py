@@ -64,12 +64,13 @@ def broadcast_params(model: torch.nn.Module) -> None:
             dist.broadcast(t.data, src=0)
 
 
-def mean_over_ranks(value: float, device: torch.device) -> float:
+def mean_over_ranks(values: list[float], device: torch.device) -> list[float]:
+    """Each value averaged over the ranks, in one all-reduce."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
-    return float(t.item()) / dist.get_world_size()
+    return (t / dist.get_world_size()).tolist()
 
 
 def barrier() -> None:

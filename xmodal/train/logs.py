@@ -75,12 +75,15 @@ class Progress:
         self.t0, self.n0 = time.perf_counter(), 0
         self.p.start()
 
-    def update(self, done: int, loss: float, batch: int) -> None:
+    def update(self, done: int, loss: float, batch: int, terms: dict[str, float] | None = None) -> None:
         if not self.enabled:
             return
         self.n0 += batch
         sps = self.n0 / max(1e-9, time.perf_counter() - self.t0)
-        self.p.update(self.task, completed=done, loss=f"{loss:.4f}", sps=f"{sps:.0f}")
+        shown = f"{loss:.4f}"
+        if terms and len(terms) > 1:  # a composite objective: each term beside the total
+            shown += " (" + " · ".join(f"{k} {v:.3f}" for k, v in terms.items()) + ")"
+        self.p.update(self.task, completed=done, loss=shown, sps=f"{sps:.0f}")
 
     def close(self) -> None:
         if self.enabled:

@@ -21,7 +21,7 @@ from xmodal.errors import UserError
 from xmodal.models import Encoder, ModelSpec, build_model, build_tokenizer, resolve_model_config
 from xmodal.models.encoder import pick_device
 from xmodal.models.text import encode_text
-from xmodal.objectives import contrastive_loss
+from xmodal.objectives import Composite
 from xmodal.train import distributed as D
 from xmodal.train.batcher import Batcher, data_fingerprint, stable_seed
 from xmodal.train.checkpoint import load_checkpoint, save_checkpoint
@@ -34,7 +34,6 @@ from xmodal.train.precision import make_grad_scaler, resolve_precision
 # Crash tests need a run slow enough to kill mid-way; nothing else should set this.
 _STEP_DELAY = float(os.environ.get("XMODAL_TEST_STEP_DELAY", "0"))
 RESUME_MUST_MATCH = ("batch_size", "seed")  # and the data itself: see `data_fingerprint`
-SIGLIP_INIT = {"init_logit_scale": math.log(10.0), "init_logit_bias": -10.0}
 
 
 class Trainer:
@@ -84,9 +83,15 @@ class Trainer:
             if cfg.compile:
                 raise UserError("--fsdp with --compile is not supported yet; drop one of them")
             self.model_cfg["nonscalar_logit_scale"] = True  # fully_shard cannot shard 0-d parameters
-        if cfg.objective == "siglip":
-            for k, v in SIGLIP_INIT.items():
-                self.model_cfg.setdefault(k, v)
+        self.objective = Composite.from_config(cfg.objective)
+        beyond = sorted(self.objective.needs - {"pooled"})
+        if beyond:
+            raise UserError(f"--objective {cfg.objective}: needs {', '.join(beyond)}, not available yet")
+        if cfg.accum_steps > 1 and self.objective.unsupported_with_accumulation():
+            names = ", ".join(self.objective.unsupported_with_accumulation())
+            raise UserError(f"--objective {names} cannot run on cached features; use --accum-steps 1")
+        for k, v in self.objective.model_init.items():  # e.g. SigLIP's initial temperature and bias
+            self.model_cfg.setdefault(k, v)
         self.model = build_model(self.spec, self.model_cfg, load_hf_weights=self.resume_state is None)
         if cfg.accum_steps > 1 and any(isinstance(m, _BatchNorm) for m in self.model.modules()):
             raise UserError(
@@ -176,32 +181,41 @@ class Trainer:
 
     def backward(
         self, step: int, images: torch.Tensor, tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Accumulate the gradient of the step's loss into .grad (scaled under fp16); returns (loss,
-        temperature)."""
+        temperature, the objectives' unweighted terms)."""
         tokens = tokens.to(self.device, non_blocking=True)
         k = self.cfg.accum_steps
         scale_loss = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
         if k == 1:
             img, txt, scale, bias = self._features(self._pixels(images, step, 0), tokens)
-            loss = contrastive_loss(self.cfg.objective, img, txt, scale, bias)
+            loss, terms = self.objective(img, txt, scale, bias)
             scale_loss(loss).backward()
-            return loss, scale
+            return loss, scale, terms
         im_chunks, tok_chunks = images.chunk(k), tokens.chunk(k)
         micro = len(im_chunks[0])
         scale, bias = self.model.logit_scale.exp(), self.model.logit_bias
+        terms: dict[str, torch.Tensor] = {}
+
+        def loss_of(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
+            total, parts = self.objective(img, txt, scale, bias)
+            terms.update(parts)
+            return total
+
         loss = cached_feature_backward(  # pixels made per forward (seeded): one micro-batch in memory
             lambda i: self._features(self._pixels(im_chunks[i], step, i * micro), tok_chunks[i]),
             [(t,) for t in tok_chunks],
-            lambda img, txt: contrastive_loss(self.cfg.objective, img, txt, scale, bias),
+            loss_of,
             scale_loss,
         )
-        return loss, scale
+        return loss, scale, terms
 
-    def train_step(self, step: int, images: torch.Tensor, tokens: torch.Tensor) -> tuple[float, float]:
-        """One optimiser step; returns (loss averaged over ranks, temperature)."""
+    def train_step(
+        self, step: int, images: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[float, float, dict[str, float]]:
+        """One optimiser step; returns (loss, temperature, each objective term), averaged over ranks."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss, scale = self.backward(step, images, tokens)
+        loss, scale, terms = self.backward(step, images, tokens)
         if not self.fsdp:  # FSDP reduce-scatters (and averages) gradients itself
             D.all_reduce_mean_grads(self.params, self.dist.world_size)
         if self.scaler is not None:
@@ -215,7 +229,9 @@ class Trainer:
             self.optimizer.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
-        return D.mean_over_ranks(loss.item(), self.device), float(scale.detach().float().reshape(-1)[0])
+        names = list(terms)
+        total, *parts = D.mean_over_ranks([loss.item(), *(terms[n].item() for n in names)], self.device)
+        return total, float(scale.detach().float().reshape(-1)[0]), dict(zip(names, parts, strict=True))
 
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> Path:
@@ -262,13 +278,13 @@ class Trainer:
                 lr = lr_at(step, cfg, total)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                loss, scale = self.train_step(step, images, tokens)
+                loss, scale, terms = self.train_step(step, images, tokens)
                 if not math.isfinite(loss):
                     raise RuntimeError(f"loss became {loss} at step {step + 1}; lower --lr or check the data")
                 done = step + 1
                 n_since += cfg.batch_size
                 loss_sum += loss
-                progress.update(done, loss, cfg.batch_size)
+                progress.update(done, loss, cfg.batch_size, terms)
                 if main and (done % cfg.log_every == 0 or done == total):
                     now = time.perf_counter()
                     log.write(
@@ -276,6 +292,7 @@ class Trainer:
                             "step": done,
                             "epoch": batcher.epoch_of(step),
                             "loss": loss,
+                            "losses": terms,  # each objective's term, unweighted
                             "loss_avg": loss_sum / max(1, n_since // cfg.batch_size),
                             "lr": lr,
                             "logit_scale": scale,

@@ -1,0 +1,275 @@
+"""Objectives by name: each loss family registers classes here; the trainer composes them by weight.
+
+An objective has a name, a one-line description, the paper it comes from, a typed parameter dataclass,
+what it needs from the model (`needs`), and whether it works on the cached pooled features of GradCache
+accumulation. Called on a `Features` batch it returns a dict of named loss terms.
+
+Data parallelism: `Features` holds this rank's rows and the global batch gathered *with* gradients. Each
+term a rank returns must average over the ranks to the global batch's loss — a mean over the rank's own
+rows (CLIP), or the global-batch value itself computed on every rank (uniformity). The trainer averages
+gradients over ranks, which then gives exactly the single-process gradient.
+
+Spec grammar (`--objective`): `NAME[:WEIGHT][(KEY=VALUE,...)]` joined by `+`, e.g.
+`clip+uniformity:0.1(t=3)`. YAML:
+`objectives: [{name: clip}, {name: uniformity, weight: 0.1, params: {t: 2}}]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from xmodal.errors import UserError
+
+NEEDS = ("pooled", "tokens", "labels", "momentum", "teacher")  # what an objective may ask of the model
+
+
+@dataclass
+class Features:
+    """One training step's features: this rank's rows (L2-normalised, float32) and the global batch."""
+
+    image: torch.Tensor  # b×D
+    text: torch.Tensor  # b×D
+    all_image: torch.Tensor  # B×D, gathered with gradients (== image in one process)
+    all_text: torch.Tensor
+    offset: int  # row i here is row offset+i of the global batch
+    logit_scale: torch.Tensor  # the temperature, exp() already applied
+    logit_bias: torch.Tensor | None = None
+
+    @classmethod
+    def gather(
+        cls,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> Features:
+        image, text = image.float(), text.float()
+        return cls(
+            image,
+            text,
+            gather_with_grad(image),
+            gather_with_grad(text),
+            _rank() * len(image),
+            logit_scale,
+            logit_bias,
+        )
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` from all ranks in rank order; gradients flow back to every rank's slice
+    (the backward of an all-gather is a reduce-scatter of the gradients)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    from torch.distributed._functional_collectives import all_gather_tensor_autograd
+
+    return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+@dataclass
+class NoParams:
+    pass
+
+
+class Objective:
+    """Base class. Subclasses set the class attributes and implement `terms`."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    paper: ClassVar[str]
+    Params: ClassVar[type] = NoParams
+    needs: ClassVar[frozenset[str]] = frozenset({"pooled"})
+    supports_accumulation: ClassVar[bool] = True  # computable from cached pooled features
+    model_init: ClassVar[dict[str, Any]] = {}  # model config defaults it wants (SigLIP's bias)
+
+    def __init__(self, params: Any = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    def terms(self, f: Features) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, type[Objective]] = {}
+
+
+def register(cls: type[Objective]) -> type[Objective]:
+    """Class decorator: make `cls` available by `cls.name`."""
+    assert dataclasses.is_dataclass(cls.Params), cls
+    assert cls.needs <= set(NEEDS), cls.needs
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def _known() -> str:
+    return ", ".join(sorted(REGISTRY))
+
+
+@dataclass
+class ObjectiveSpec:
+    name: str
+    weight: float = 1.0
+    params: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_TERM = re.compile(r"^\s*([A-Za-z][\w-]*)\s*(?::\s*([-+0-9.eE]+))?\s*(?:\((.*)\))?\s*$")
+
+
+def parse_spec(text: str) -> list[ObjectiveSpec]:
+    """`clip+uniformity:0.1(t=3)` → specs; a UserError naming --objective for anything malformed."""
+    specs = []
+    for part in text.split("+"):
+        m = _TERM.match(part)
+        if not m:
+            raise UserError(f"--objective {text}: {part.strip()!r} is not NAME[:WEIGHT][(KEY=VALUE,...)]")
+        name, weight, params = m.groups()
+        kv: dict[str, Any] = {}
+        for item in filter(None, (x.strip() for x in (params or "").split(","))):
+            key, eq, value = item.partition("=")
+            if not eq:
+                raise UserError(f"--objective {text}: parameter {item!r} is not KEY=VALUE")
+            kv[key.strip()] = value.strip()
+        try:
+            w = float(weight) if weight is not None else 1.0
+        except ValueError:
+            raise UserError(f"--objective {text}: weight {weight!r} is not a number") from None
+        specs.append(ObjectiveSpec(name, w, kv))
+    return specs
+
+
+def specs_from(value: str | Sequence[Any]) -> list[ObjectiveSpec]:
+    """The config's `objective`: a spec string, or (from YAML) a list of {name, weight, params} / names."""
+    if isinstance(value, str):
+        return parse_spec(value)
+    specs = []
+    for item in value:
+        if isinstance(item, str):
+            specs += parse_spec(item)
+        elif isinstance(item, dict) and set(item) <= {"name", "weight", "params"} and "name" in item:
+            specs.append(
+                ObjectiveSpec(
+                    str(item["name"]), float(item.get("weight", 1.0)), dict(item.get("params") or {})
+                )
+            )
+        else:
+            raise UserError(f"objectives: {item!r} is not {{name, weight, params}}")
+    return specs
+
+
+def _convert(cls: type[Objective], key: str, value: Any) -> Any:
+    field = {f.name: f for f in dataclasses.fields(cls.Params)}[key]
+    typ = (
+        field.type
+        if isinstance(field.type, type)
+        else {"float": float, "int": int, "bool": bool, "str": str}.get(str(field.type), str)
+    )
+    if typ is bool and isinstance(value, str):
+        if value.lower() not in ("true", "false"):
+            raise ValueError(value)
+        return value.lower() == "true"
+    return typ(value)
+
+
+def build(specs: Sequence[ObjectiveSpec]) -> list[tuple[Objective, float]]:
+    """Instantiate the objectives; unknown names or parameters are one-line errors listing what exists."""
+    if not specs:
+        raise UserError(f"--objective: give at least one objective ({_known()})")
+    out = []
+    for s in specs:
+        cls = REGISTRY.get(s.name)
+        if cls is None:
+            raise UserError(f"--objective {s.name}: unknown objective; use one of {_known()}")
+        allowed = [f.name for f in dataclasses.fields(cls.Params)]
+        bad = sorted(set(s.params) - set(allowed))
+        if bad:
+            raise UserError(
+                f"--objective {s.name}: no parameter {', '.join(bad)}; "
+                f"it takes {', '.join(allowed) or 'none'}"
+            )
+        try:
+            params = cls.Params(**{k: _convert(cls, k, v) for k, v in s.params.items()})
+        except (TypeError, ValueError) as e:
+            raise UserError(f"--objective {s.name}: bad parameter value ({e})") from None
+        out.append((cls(params), s.weight))
+    names = [o.name for o, _ in out]
+    if len(set(names)) != len(names):
+        raise UserError(f"--objective: {names} names an objective twice; give each once with its weight")
+    return out
+
+
+class Composite:
+    """The weighted sum of several objectives; `__call__` returns (total loss, {term: value})."""
+
+    def __init__(self, objectives: Sequence[tuple[Objective, float]]) -> None:
+        self.objectives = list(objectives)
+        self._names: dict[str, list[str]] = {}  # objective → the names of its terms
+
+    @classmethod
+    def from_config(cls, value: str | Sequence[Any]) -> Composite:
+        return cls(build(specs_from(value)))
+
+    @property
+    def needs(self) -> frozenset[str]:
+        return frozenset().union(*(o.needs for o, _ in self.objectives))
+
+    @property
+    def model_init(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for o, _ in self.objectives:
+            out.update(o.model_init)
+        return out
+
+    def unsupported_with_accumulation(self) -> list[str]:
+        return [o.name for o, _ in self.objectives if not o.supports_accumulation]
+
+    def __call__(
+        self,
+        image: torch.Tensor,
+        text: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        terms = self.objectives_terms(Features.gather(image, text, logit_scale, logit_bias))
+        weights = {name: w for o, w in self.objectives for name in self._names[o.name]}
+        total = sum(weights[k] * v for k, v in terms.items())
+        return total, terms
+
+    def objectives_terms(self, f: Features) -> dict[str, torch.Tensor]:
+        """Every objective's unweighted terms for the features `f`."""
+        terms: dict[str, torch.Tensor] = {}
+        for obj, _ in self.objectives:
+            parts = obj.terms(f)
+            self._names[obj.name] = list(parts)
+            clash = set(parts) & set(terms)
+            if clash:
+                raise ValueError(f"objective {obj.name} returns terms {sorted(clash)} that another one has")
+            terms.update(parts)
+        return terms
+
+
+def describe() -> list[dict[str, Any]]:
+    """One row per registered objective, for `xmodal objectives`."""
+    rows = []
+    for name in sorted(REGISTRY):
+        cls = REGISTRY[name]
+        params = [f"{f.name}={f.default}" for f in dataclasses.fields(cls.Params)]
+        rows.append(
+            {
+                "name": name,
+                "description": cls.description,
+                "params": params,
+                "paper": cls.paper,
+                "needs": sorted(cls.needs),
+                "accumulation": cls.supports_accumulation,
+            }
+        )
+    return rows
