@@ -81,7 +81,7 @@ def test_spec_grammar():
 @pytest.mark.parametrize(
     "spec, needle",
     [
-        ("infonce", "unknown objective; use one of alignment, clip, siglip, uniformity"),
+        ("infonce", "unknown objective; use one of alignment, clip, multipos, sdm, siglip, uniformity"),
         ("uniformity(tau=2)", "no parameter tau; it takes t"),
         ("clip(t=2)", "no parameter t; it takes none"),
         ("uniformity(t=hot)", "bad parameter value"),
@@ -159,3 +159,60 @@ def test_train_logs_each_term(tiny_manifest, tmp_path):
         check=False,
     )
     assert_one_line_error(p, "unknown objective")
+
+
+def _labelled(b, n_cls, seed):
+    x, y = _unit(b, 4, seed), _unit(b, 4, seed + 1)
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(-1, n_cls, (b,), generator=g)
+    return x, y, labels
+
+
+def brute_positives(labels, i, j):
+    return i == j or (labels[i] >= 0 and labels[i] == labels[j])
+
+
+def brute_multipos(x, y, labels, t):
+    n, total = len(x), 0.0
+    for a, b in ((x, y), (y, x)):
+        for i in range(n):
+            logits = [t * float(a[i] @ b[j]) for j in range(n)]
+            lse = math.log(sum(math.exp(v) for v in logits))
+            pos = [j for j in range(n) if brute_positives(labels, i, j)]
+            total += -sum(logits[j] - lse for j in pos) / len(pos) / n
+    return total / 2
+
+
+def brute_sdm(x, y, labels, t, eps=1e-8):
+    n, total = len(x), 0.0
+    for a, b in ((x, y), (y, x)):
+        for i in range(n):
+            logits = [t * float(a[i] @ b[j]) for j in range(n)]
+            lse = math.log(sum(math.exp(v) for v in logits))
+            pos = [j for j in range(n) if brute_positives(labels, i, j)]
+            for j in range(n):
+                p = math.exp(logits[j] - lse)
+                q = (1 / len(pos) if j in pos else 0.0) + eps
+                total += p * (logits[j] - lse - math.log(q)) / n
+    return total
+
+
+def test_multipos_and_sdm_match_brute_force_and_shard_exactly():
+    x, y, labels = _labelled(10, 3, 7)
+    t = torch.tensor(6.0, dtype=torch.float64)
+    comp = Composite.from_config("multipos+sdm")
+    whole = comp.objectives_terms(Features(x, y, x, y, 0, t, labels=labels, all_labels=labels))
+    assert abs(whole["multipos"].item() - brute_multipos(x, y, labels.tolist(), 6.0)) < 1e-10
+    assert abs(whole["sdm"].item() - brute_sdm(x, y, labels.tolist(), 6.0)) < 1e-9
+    halves = (slice(0, 5), slice(5, 10))
+    parts = [
+        comp.objectives_terms(Features(x[s], y[s], x, y, s.start, t, labels=labels[s], all_labels=labels))
+        for s in halves
+    ]
+    for name in whole:
+        assert abs(sum(p[name].item() for p in parts) / 2 - whole[name].item()) < 1e-12, name
+    # no labels (or all unlabelled): multipos is CLIP
+    none = torch.full((10,), -1)
+    mp = comp.objectives_terms(Features(x, y, x, y, 0, t, labels=none, all_labels=none))["multipos"]
+    clip = Composite.from_config("clip").objectives_terms(Features(x, y, x, y, 0, t))["clip"]
+    assert abs(mp.item() - clip.item()) < 1e-12

@@ -113,7 +113,12 @@ def test_fresh_run_refuses_to_overwrite_and_resume_of_finished_run_is_a_no_op(ti
 
 @pytest.mark.parametrize(
     "objective, sharding",
-    [("clip", []), ("siglip", []), ("clip", ["--fsdp"]), ("clip+uniformity:0.1+alignment:0.1", [])],
+    [
+        ("clip", []),
+        ("siglip", []),
+        ("clip", ["--fsdp"]),
+        ("clip+uniformity:0.1+alignment:0.1+multipos:0.5+sdm:0.5", []),
+    ],
 )
 def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objective, sharding):
     """Same global batch of 8: torchrun with 2 CPU processes (4 each) vs one process, with replicated
@@ -174,11 +179,14 @@ def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objecti
         for name in ta[step]:
             assert abs(ta[step][name] - tb[step][name]) < 1e-5, (step, name)
     assert max_weight_diff(single, double) < 1e-5
-    # and the model actually moved: the test would notice a run that trains nothing
-    assert a[6] < a[1]
+    # and the model actually moved: the test would notice a run that trains nothing (a single objective
+    # falls in 6 steps; a composite's total need not, its terms pull different ways)
+    assert a[6] < a[1] if "+" not in objective else abs(a[6] - a[1]) > 1e-3
 
 
-@pytest.mark.parametrize("objective", ["clip", "siglip", "clip+uniformity:0.1(t=3)+alignment:0.1"])
+@pytest.mark.parametrize(
+    "objective", ["clip", "siglip", "clip+uniformity:0.1(t=3)+alignment:0.1+multipos:0.5+sdm:0.5"]
+)
 def test_cached_feature_accumulation_equals_the_full_batch(tiny_manifest, tmp_path, objective):
     """GradCache: 4 micro-batches of 2 give the same losses and weights as one batch of 8."""
     runs = {}

@@ -92,7 +92,7 @@ def test_accumulated_gradient_equals_one_pass_with_the_same_masks(
     else:
         trainer = _trainer(tiny_manifest, tmp_path, model=_patch_dropout_config(tmp_path))
     assert trainer.model.training
-    images, tokens = _batch(trainer)
+    images, tokens, _ = _batch(trainer)
 
     ref = _reference_grads(trainer, images, tokens, seed=123)
     trainer.model.zero_grad(set_to_none=True)
@@ -173,7 +173,7 @@ def test_grad_scaler_unscales_before_clipping_and_skips_overflowed_steps(tiny_ma
 
     plain, scaled = fresh("plain"), fresh("scaled")
     scaled.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
-    images, tokens = _batch(plain)
+    images, tokens, _ = _batch(plain)
     for t in (plain, scaled):
         t.train_step(0, images, tokens)
     wp, ws = plain.model.state_dict(), scaled.model.state_dict()

@@ -41,6 +41,8 @@ class Features:
     offset: int  # row i here is row offset+i of the global batch
     logit_scale: torch.Tensor  # the temperature, exp() already applied
     logit_bias: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # b class ids, -1 = unlabelled
+    all_labels: torch.Tensor | None = None  # B
 
     @classmethod
     def gather(
@@ -49,8 +51,10 @@ class Features:
         text: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> Features:
         image, text = image.float(), text.float()
+        all_labels = gather(labels) if labels is not None else None
         return cls(
             image,
             text,
@@ -59,6 +63,8 @@ class Features:
             _rank() * len(image),
             logit_scale,
             logit_bias,
+            labels,
+            all_labels,
         )
 
 
@@ -70,6 +76,15 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     from torch.distributed._functional_collectives import all_gather_tensor_autograd
 
     return all_gather_tensor_autograd(x.contiguous(), gather_dim=0, group=dist.group.WORLD)
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate `x` (labels: no gradient) from all ranks in rank order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = x.new_empty((dist.get_world_size() * len(x), *x.shape[1:]))
+    dist.all_gather_into_tensor(out, x.contiguous())
+    return out
 
 
 def _rank() -> int:
@@ -237,8 +252,9 @@ class Composite:
         text: torch.Tensor,
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        terms = self.objectives_terms(Features.gather(image, text, logit_scale, logit_bias))
+        terms = self.objectives_terms(Features.gather(image, text, logit_scale, logit_bias, labels))
         weights = {name: w for o, w in self.objectives for name in self._names[o.name]}
         total = sum(weights[k] * v for k, v in terms.items())
         return total, terms

@@ -61,6 +61,10 @@ class Batcher:
         self.cap_start = torch.cumsum(counts, 0) - counts
         self.tokens = None if cfg.aug_word_drop > 0 else self._tokenize(self.flat_captions)
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+        names = sorted({lab for lab in data.labels if lab is not None})
+        index = {lab: i for i, lab in enumerate(names)}
+        # class ids for label-aware objectives (multipos, sdm); -1 = unlabelled
+        self.label_ids = torch.tensor([index.get(lab, -1) for lab in data.labels], dtype=torch.long)
 
     def _tokenize(self, texts: list[str]) -> torch.Tensor:
         chunks = [self.tokenizer(texts[i : i + 8192]) for i in range(0, len(texts), 8192)]
@@ -69,9 +73,9 @@ class Batcher:
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
-    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(uint8 images b×3×S×S, tokens b×L) for this rank at `step`. Every random choice is made for
-        the whole global batch (or per global position), so ranks see exactly their slice of it."""
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(uint8 images b×3×S×S, tokens b×L, label ids b) for this rank at `step`. Every random choice is
+        made for the whole global batch (or per global position), so ranks see exactly their slice of it."""
         epoch, j = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
             self._perm = torch.randperm(
@@ -96,4 +100,4 @@ class Batcher:
                 for i, c in enumerate(cap_idx.tolist())
             ]
             tokens = self.tokenizer(texts)
-        return self.data.images[local], tokens
+        return self.data.images[local], tokens, self.label_ids[local]

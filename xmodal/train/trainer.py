@@ -84,7 +84,7 @@ class Trainer:
                 raise UserError("--fsdp with --compile is not supported yet; drop one of them")
             self.model_cfg["nonscalar_logit_scale"] = True  # fully_shard cannot shard 0-d parameters
         self.objective = Composite.from_config(cfg.objective)
-        beyond = sorted(self.objective.needs - {"pooled"})
+        beyond = sorted(self.objective.needs - {"pooled", "labels"})
         if beyond:
             raise UserError(f"--objective {cfg.objective}: needs {', '.join(beyond)}, not available yet")
         if cfg.accum_steps > 1 and self.objective.unsupported_with_accumulation():
@@ -180,16 +180,17 @@ class Trainer:
         return x
 
     def backward(
-        self, step: int, images: torch.Tensor, tokens: torch.Tensor
+        self, step: int, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """Accumulate the gradient of the step's loss into .grad (scaled under fp16); returns (loss,
         temperature, the objectives' unweighted terms)."""
         tokens = tokens.to(self.device, non_blocking=True)
+        labels = labels.to(self.device) if labels is not None else None
         k = self.cfg.accum_steps
         scale_loss = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
         if k == 1:
             img, txt, scale, bias = self._features(self._pixels(images, step, 0), tokens)
-            loss, terms = self.objective(img, txt, scale, bias)
+            loss, terms = self.objective(img, txt, scale, bias, labels)
             scale_loss(loss).backward()
             return loss, scale, terms
         im_chunks, tok_chunks = images.chunk(k), tokens.chunk(k)
@@ -198,7 +199,7 @@ class Trainer:
         terms: dict[str, torch.Tensor] = {}
 
         def loss_of(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-            total, parts = self.objective(img, txt, scale, bias)
+            total, parts = self.objective(img, txt, scale, bias, labels)
             terms.update(parts)
             return total
 
@@ -211,11 +212,11 @@ class Trainer:
         return loss, scale, terms
 
     def train_step(
-        self, step: int, images: torch.Tensor, tokens: torch.Tensor
+        self, step: int, images: torch.Tensor, tokens: torch.Tensor, labels: torch.Tensor | None = None
     ) -> tuple[float, float, dict[str, float]]:
         """One optimiser step; returns (loss, temperature, each objective term), averaged over ranks."""
         self.optimizer.zero_grad(set_to_none=True)
-        loss, scale, terms = self.backward(step, images, tokens)
+        loss, scale, terms = self.backward(step, images, tokens, labels)
         if not self.fsdp:  # FSDP reduce-scatters (and averages) gradients itself
             D.all_reduce_mean_grads(self.params, self.dist.world_size)
         if self.scaler is not None:
@@ -273,12 +274,12 @@ class Trainer:
         step = start
         try:
             for step in range(start, total):
-                images, tokens = nxt.result()
+                images, tokens, labels = nxt.result()
                 nxt = pool.submit(batcher.get, step + 1) if step + 1 < total else None
                 lr = lr_at(step, cfg, total)
                 for g in self.optimizer.param_groups:
                     g["lr"] = lr
-                loss, scale, terms = self.train_step(step, images, tokens)
+                loss, scale, terms = self.train_step(step, images, tokens, labels)
                 if not math.isfinite(loss):
                     raise RuntimeError(f"loss became {loss} at step {step + 1}; lower --lr or check the data")
                 done = step + 1
