@@ -28,13 +28,6 @@ def has_weights(source: str | Path, pretrained: str | None) -> bool:
     return bool(pretrained) or Path(source).is_dir()
 
 
-def random_init(model: dict[str, Any]) -> bool | None:
-    """Whether index.json's model record is a random init (the pre-rename key is read too)."""
-    if "random_init" in model:
-        return model["random_init"]
-    return model.get("seeded_random_init")
-
-
 def describe_source(source: str | Path, pretrained: str | None) -> dict[str, Any]:
     """What index.json records so the model can be found again: absolute paths where they are paths."""
     src = Path(source)
