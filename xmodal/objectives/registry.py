@@ -43,6 +43,19 @@ class Features:
     logit_bias: torch.Tensor | None = None
     labels: torch.Tensor | None = None  # b class ids, -1 = unlabelled
     all_labels: torch.Tensor | None = None  # B
+    # Given only to objectives that declare the need. No gradient flows into momentum or teacher features.
+    momentum_image: torch.Tensor | None = None  # b×D, the EMA model's features of the same batch
+    momentum_text: torch.Tensor | None = None
+    all_momentum_image: torch.Tensor | None = None  # B×D
+    all_momentum_text: torch.Tensor | None = None
+    teacher_image: torch.Tensor | None = None  # b×D, the frozen teacher's features (the initial model)
+    teacher_text: torch.Tensor | None = None
+    all_teacher_image: torch.Tensor | None = None  # B×D
+    all_teacher_text: torch.Tensor | None = None
+    image_tokens: torch.Tensor | None = None  # b×N×D, patch tokens in the joint space, L2-normalised
+    text_tokens: torch.Tensor | None = None  # b×L×D
+    text_mask: torch.Tensor | None = None  # b×L bool, True on real (non-padding) tokens
+    step: int = 0  # the optimiser step (for schedules such as ALBEF's α warm-up)
 
     @classmethod
     def gather(
@@ -52,9 +65,18 @@ class Features:
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        **extra: Any,
     ) -> Features:
+        """Gather this rank's rows into the global batch: pooled features with gradients, labels and the
+        momentum/teacher features (`extra`, local b×D each) without."""
         image, text = image.float(), text.float()
         all_labels = gather(labels) if labels is not None else None
+        for kind in ("momentum", "teacher"):
+            for side in ("image", "text"):
+                x = extra.get(f"{kind}_{side}")
+                if x is not None:
+                    extra[f"{kind}_{side}"] = x = x.float().detach()
+                    extra[f"all_{kind}_{side}"] = gather(x)
         return cls(
             image,
             text,
@@ -65,6 +87,7 @@ class Features:
             logit_bias,
             labels,
             all_labels,
+            **extra,
         )
 
 
@@ -112,6 +135,23 @@ class Objective:
 
     def terms(self, f: Features) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    # Stateful objectives (feature queues) override these three; the trainer calls `commit` once after
+    # each optimiser step and keeps `state_dict` in the checkpoint, so that a resume is exact.
+    def commit(self) -> None:
+        """The step is done: apply what `terms` staged (e.g. enqueue this batch's momentum features)."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"objective {self.name} keeps no state, but the checkpoint has some")
+
+    @property
+    def ema_decay(self) -> float | None:
+        """For objectives that need the momentum model: the EMA decay the trainer updates it with."""
+        return None
 
 
 REGISTRY: dict[str, type[Objective]] = {}
@@ -253,8 +293,11 @@ class Composite:
         logit_scale: torch.Tensor,
         logit_bias: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        **extra: Any,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        terms = self.objectives_terms(Features.gather(image, text, logit_scale, logit_bias, labels))
+        """`extra`: the Features fields the objectives asked for (momentum_image, …, image_tokens, step)."""
+        f = Features.gather(image, text, logit_scale, logit_bias, labels, **extra)
+        terms = self.objectives_terms(f)
         weights = {name: w for o, w in self.objectives for name in self._names[o.name]}
         total = sum(weights[k] * v for k, v in terms.items())
         return total, terms
@@ -270,6 +313,25 @@ class Composite:
                 raise ValueError(f"objective {obj.name} returns terms {sorted(clash)} that another one has")
             terms.update(parts)
         return terms
+
+
+    @property
+    def ema_decay(self) -> float | None:
+        decays = {o.ema_decay for o, _ in self.objectives} - {None}
+        if len(decays) > 1:
+            raise UserError(f"--objective: the momentum objectives ask for different decays {sorted(decays)}")
+        return decays.pop() if decays else None
+
+    def commit(self) -> None:
+        for o, _ in self.objectives:
+            o.commit()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {o.name: s for o, _ in self.objectives if (s := o.state_dict())}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for o, _ in self.objectives:
+            o.load_state_dict(state.get(o.name, {}))
 
 
 def describe() -> list[dict[str, Any]]:
