@@ -21,6 +21,13 @@ class AugmentConfig:
     color: float = 0.0  # brightness/contrast/saturation jitter strength; 0 = off
     word_drop: float = 0.0  # probability of dropping each caption word (at least one word is kept)
 
+    @classmethod
+    def from_config(cls, cfg: object) -> AugmentConfig:
+        """From a TrainConfig: field `x` here is the config's `aug_x`."""
+        from dataclasses import fields
+
+        return cls(**{f.name: getattr(cfg, "aug_" + f.name) for f in fields(cls)})
+
     @property
     def images_enabled(self) -> bool:
         return self.crop_scale < 1.0 or self.flip > 0 or self.color > 0

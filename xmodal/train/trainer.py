@@ -113,7 +113,7 @@ class Trainer:
             raise UserError("--precision fp16 with --fsdp: the loss scaler is not shard-aware; use bf16")
         self.scaler = make_grad_scaler(self.autocast_dtype, self.device)
         self.encoder.autocast_dtype = self.autocast_dtype
-        self.aug = AugmentConfig(cfg.aug_crop_scale, cfg.aug_flip, cfg.aug_color, cfg.aug_word_drop)
+        self.aug = AugmentConfig.from_config(cfg)
         self.towers = None
         if self.fsdp:
             from xmodal.train import fsdp
