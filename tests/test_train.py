@@ -118,6 +118,7 @@ def test_fresh_run_refuses_to_overwrite_and_resume_of_finished_run_is_a_no_op(ti
         ("siglip", []),
         ("clip", ["--fsdp"]),
         ("clip+uniformity:0.1+alignment:0.1+multipos:0.5+sdm:0.5", []),
+        ("clip+momentum:0.5(queue=12,momentum=0.9)", []),
     ],
 )
 def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objective, sharding):
@@ -185,7 +186,13 @@ def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objecti
 
 
 @pytest.mark.parametrize(
-    "objective", ["clip", "siglip", "clip+uniformity:0.1(t=3)+alignment:0.1+multipos:0.5+sdm:0.5"]
+    "objective",
+    [
+        "clip",
+        "siglip",
+        "clip+uniformity:0.1(t=3)+alignment:0.1+multipos:0.5+sdm:0.5",
+        "clip+momentum:0.5(queue=12,momentum=0.9)",
+    ],
 )
 def test_cached_feature_accumulation_equals_the_full_batch(tiny_manifest, tmp_path, objective):
     """GradCache: 4 micro-batches of 2 give the same losses and weights as one batch of 8."""

@@ -314,7 +314,6 @@ class Composite:
             terms.update(parts)
         return terms
 
-
     @property
     def ema_decay(self) -> float | None:
         decays = {o.ema_decay for o, _ in self.objectives} - {None}

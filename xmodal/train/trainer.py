@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import time
@@ -84,15 +85,21 @@ class Trainer:
                 raise UserError("--fsdp with --compile is not supported yet; drop one of them")
             self.model_cfg["nonscalar_logit_scale"] = True  # fully_shard cannot shard 0-d parameters
         self.objective = Composite.from_config(cfg.objective)
-        beyond = sorted(self.objective.needs - {"pooled", "labels"})
-        if beyond:
-            raise UserError(f"--objective {cfg.objective}: needs {', '.join(beyond)}, not available yet")
+        self.needs = self.objective.needs
+        if "momentum" in self.needs and self.objective.ema_decay is None:
+            raise ValueError("an objective needs the momentum model but gives no EMA decay")
+        extra = sorted(self.needs & {"tokens", "momentum", "teacher"})
+        if extra and self.fsdp:
+            raise UserError(f"--objective {cfg.objective}: needs {', '.join(extra)}, not with --fsdp yet")
         if cfg.accum_steps > 1 and self.objective.unsupported_with_accumulation():
             names = ", ".join(self.objective.unsupported_with_accumulation())
             raise UserError(f"--objective {names} cannot run on cached features; use --accum-steps 1")
         for k, v in self.objective.model_init.items():  # e.g. SigLIP's initial temperature and bias
             self.model_cfg.setdefault(k, v)
-        self.model = build_model(self.spec, self.model_cfg, load_hf_weights=self.resume_state is None)
+        # a teacher is the initial model, pretrained weights included, so a resumed run rebuilds it too
+        self.model = build_model(
+            self.spec, self.model_cfg, load_hf_weights=self.resume_state is None or "teacher" in self.needs
+        )
         if cfg.accum_steps > 1 and any(isinstance(m, _BatchNorm) for m in self.model.modules()):
             raise UserError(
                 f"--accum-steps {cfg.accum_steps}: --model {cfg.model} has BatchNorm layers, whose "
@@ -101,8 +108,20 @@ class Trainer:
         # train mode throughout: Hugging Face towers come out of from_pretrained in eval mode, which left
         # their dropout off until the first validation switched it on
         self.model.to(self.device).train()
+        # frozen copies, in eval mode (no dropout: the targets they give are deterministic)
+        self.teacher = self._frozen_copy() if "teacher" in self.needs else None
+        self.momentum_model = self._frozen_copy() if "momentum" in self.needs else None
         if self.resume_state is not None:
             self.model.load_state_dict(self.resume_state["model"])
+            if self.momentum_model is not None:
+                saved = self.resume_state.get("momentum_model")
+                if saved is None and not resume_override:
+                    raise UserError(
+                        "--resume: the checkpoint has no momentum model (the run used another --objective); "
+                        "keep the run's objective, or add --resume-override to start the EMA from the weights"
+                    )
+                self.momentum_model.load_state_dict(saved or self.resume_state["model"])
+            self.objective.load_state_dict(self.resume_state.get("objectives") or {})
         D.broadcast_params(self.model)
         self.tokenizer = build_tokenizer(self.model_cfg)
         self.encoder = Encoder(
@@ -147,20 +166,34 @@ class Trainer:
             progress=self.dist.is_main,
         )
 
+    def _frozen_copy(self) -> torch.nn.Module:
+        return copy.deepcopy(self.model).eval().requires_grad_(False)
+
     # -- one step ----------------------------------------------------------------------------
+    def _kernels(self) -> contextlib.ExitStack:
+        stack = contextlib.ExitStack()
+        if self.autocast_dtype:
+            stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
+        if self.device.type == "cpu":
+            # On CPUs the fused flash-attention kernel's backward is slow for short sequences: the
+            # plain math kernel trains ~1.5× faster here (benchmarks/train_vs_open_clip.py profile).
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        return stack
+
     def _forward_features(self, x: torch.Tensor, tokens: torch.Tensor):
-        """(image features, text features, temperature, bias) for float pixels in [0, 1] and tokens."""
-        with contextlib.ExitStack() as stack:
-            if self.autocast_dtype:
-                stack.enter_context(torch.autocast(self.device.type, dtype=self.autocast_dtype))
-            if self.device.type == "cpu":
-                # On CPUs the fused flash-attention kernel's backward is slow for short sequences: the
-                # plain math kernel trains ~1.5× faster here (benchmarks/train_vs_open_clip.py profile).
-                stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        """(image features, text features, temperature, bias[, token features]) for float pixels in
+        [0, 1] and tokens; token features (a dict of Features fields) only when an objective needs them."""
+        with self._kernels():
             pixels = self.encoder.normalize_pixels(x)
             if self.towers is not None:
                 img, txt, scale, bias = self.towers(pixels, tokens)
                 return img.float(), txt.float(), scale, bias
+            if "tokens" in self.needs:
+                from xmodal.models.tokens import encode_with_tokens
+
+                img, txt, img_tok, txt_tok, mask = encode_with_tokens(self.model, pixels, tokens)
+                toks = {"image_tokens": img_tok, "text_tokens": txt_tok, "text_mask": mask}
+                return img.float(), txt.float(), self.model.logit_scale.exp(), self.model.logit_bias, toks
             img = self.model.encode_image(pixels, normalize=True)
             # trimming padding is data-dependent, which torch.compile would trace as a graph break
             txt = (
@@ -169,6 +202,26 @@ class Trainer:
                 else encode_text(self.model, tokens, normalize=True)
             )
         return img.float(), txt.float(), self.model.logit_scale.exp(), self.model.logit_bias
+
+    @torch.no_grad()
+    def _frozen_features(self, model: torch.nn.Module, x: torch.Tensor, tokens: torch.Tensor):
+        """A frozen copy's (image, text) features of the same (augmented) batch."""
+        with self._kernels():
+            pixels = self.encoder.normalize_pixels(x)
+            img = model.encode_image(pixels, normalize=True)
+            txt = encode_text(model, tokens, normalize=True)
+        return img.float(), txt.float()
+
+    def _extra(self, step: int, pixels_of, tok_chunks) -> dict[str, Any]:
+        """The momentum and teacher features the objectives asked for, micro-batch by micro-batch."""
+        extra: dict[str, Any] = {"step": step}
+        for kind, model in (("momentum", self.momentum_model), ("teacher", self.teacher)):
+            if model is None:
+                continue
+            feats = [self._frozen_features(model, pixels_of(i), t) for i, t in enumerate(tok_chunks)]
+            extra[f"{kind}_image"] = torch.cat([f[0] for f in feats])
+            extra[f"{kind}_text"] = torch.cat([f[1] for f in feats])
+        return extra
 
     def _pixels(self, images: torch.Tensor, step: int, offset: int) -> torch.Tensor:
         """uint8 → float [0,1] on the device, augmented; `offset` = local position in the rank's batch."""
@@ -189,8 +242,10 @@ class Trainer:
         k = self.cfg.accum_steps
         scale_loss = self.scaler.scale if self.scaler is not None else (lambda loss: loss)
         if k == 1:
-            img, txt, scale, bias = self._features(self._pixels(images, step, 0), tokens)
-            loss, terms = self.objective(img, txt, scale, bias, labels)
+            pixels = self._pixels(images, step, 0)
+            img, txt, scale, bias, *toks = self._features(pixels, tokens)
+            extra = self._extra(step, lambda i: pixels, [tokens])
+            loss, terms = self.objective(img, txt, scale, bias, labels, **extra, **(toks[0] if toks else {}))
             scale_loss(loss).backward()
             return loss, scale, terms
         im_chunks, tok_chunks = images.chunk(k), tokens.chunk(k)
@@ -198,13 +253,18 @@ class Trainer:
         scale, bias = self.model.logit_scale.exp(), self.model.logit_bias
         terms: dict[str, torch.Tensor] = {}
 
+        def pixels_of(i: int) -> torch.Tensor:  # made per forward (seeded): one micro-batch in memory
+            return self._pixels(im_chunks[i], step, i * micro)
+
+        extra = self._extra(step, pixels_of, tok_chunks)
+
         def loss_of(img: torch.Tensor, txt: torch.Tensor) -> torch.Tensor:
-            total, parts = self.objective(img, txt, scale, bias, labels)
+            total, parts = self.objective(img, txt, scale, bias, labels, **extra)
             terms.update(parts)
             return total
 
-        loss = cached_feature_backward(  # pixels made per forward (seeded): one micro-batch in memory
-            lambda i: self._features(self._pixels(im_chunks[i], step, i * micro), tok_chunks[i]),
+        loss = cached_feature_backward(
+            lambda i: self._features(pixels_of(i), tok_chunks[i]),
             [(t,) for t in tok_chunks],
             loss_of,
             scale_loss,
@@ -230,6 +290,12 @@ class Trainer:
             self.optimizer.step()
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
+            if self.momentum_model is not None:  # ALBEF/MoCo: θ_m ← m·θ_m + (1 − m)·θ
+                m_params = list(self.momentum_model.parameters())
+                torch._foreach_lerp_(m_params, list(self.model.parameters()), 1.0 - self.objective.ema_decay)
+                for b_m, b in zip(self.momentum_model.buffers(), self.model.buffers(), strict=True):
+                    b_m.copy_(b)
+        self.objective.commit()  # e.g. enqueue this step's momentum features
         names = list(terms)
         total, *parts = D.mean_over_ranks([loss.item(), *(terms[n].item() for n in names)], self.device)
         return total, float(scale.detach().float().reshape(-1)[0]), dict(zip(names, parts, strict=True))
@@ -359,6 +425,10 @@ class Trainer:
                 "fsdp": self.fsdp,
                 "data_fingerprint": self.data_fingerprint,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+                "momentum_model": (
+                    self.momentum_model.state_dict() if self.momentum_model is not None else None
+                ),
+                "objectives": self.objective.state_dict(),  # e.g. feature queues
                 "step": step,
                 "config": self.cfg.to_dict(),
                 "torch": str(torch.__version__),
