@@ -1,5 +1,9 @@
 """Deterministic batches: their content depends only on (seed, step, rank), so a resumed run sees the
-same data order and each rank takes its slice of the same global batch."""
+same data order and each rank takes its slice of the same global batch.
+
+Text side (the `improved` recipe's caption handling, Fini et al. 2023): an image with several captions
+gets one of them, uniformly at random, each step; with --aug-text-eda / --aug-word-drop each caption is
+augmented per (seed, step, global position) and the step's captions are tokenised then."""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from typing import Any
 import torch
 
 from xmodal.data import ImageTextData
-from xmodal.data.augment import drop_words
+from xmodal.data.augment import drop_words, eda
 from xmodal.errors import UserError
 from xmodal.train import distributed as D
 from xmodal.train.config import TrainConfig
@@ -59,7 +63,8 @@ class Batcher:
         counts = torch.tensor([len(c) for c in data.captions])
         self.cap_count = counts
         self.cap_start = torch.cumsum(counts, 0) - counts
-        self.tokens = None if cfg.aug_word_drop > 0 else self._tokenize(self.flat_captions)
+        self.text_augmented = cfg.aug_word_drop > 0 or cfg.aug_text_eda > 0
+        self.tokens = None if self.text_augmented else self._tokenize(self.flat_captions)
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
         names = sorted({lab for lab in data.labels if lab is not None})
         index = {lab: i for i, lab in enumerate(names)}
@@ -70,33 +75,50 @@ class Batcher:
         chunks = [self.tokenizer(texts[i : i + 8192]) for i in range(0, len(texts), 8192)]
         return torch.cat(chunks)
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
+    def augment_text(self, text: str, step: int, position: int) -> str:
+        """One caption at global batch position `position` of `step`: EDA, then word dropout, each with its
+        own generator seeded by (seed, step, position), so ranks and micro-batches agree."""
+        if self.cfg.aug_text_eda > 0:
+            g = torch.Generator().manual_seed(stable_seed(self.cfg.seed, step, position, 17))
+            text = eda(text, self.cfg.aug_text_eda, g)
+        if self.cfg.aug_word_drop > 0:
+            g = torch.Generator().manual_seed(stable_seed(self.cfg.seed, step, position, 13))
+            text = drop_words(text, self.cfg.aug_word_drop, g)
+        return text
 
-    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(uint8 images b×3×S×S, tokens b×L, label ids b) for this rank at `step`. Every random choice is
-        made for the whole global batch (or per global position), so ranks see exactly their slice of it."""
+    def caption_index(self, step: int) -> torch.Tensor:
+        """Index into `flat_captions` of the caption each sample of the global batch at `step` gets: one of
+        its image's captions, uniformly at random, seeded by (seed, step)."""
+        idx = self.indices(step)
+        gen = torch.Generator().manual_seed(stable_seed(self.cfg.seed, step, 7))
+        choice = (torch.rand(len(idx), generator=gen) * self.cap_count[idx]).long()
+        return self.cap_start[idx] + choice
+
+    def indices(self, step: int) -> torch.Tensor:
+        """The samples of the global batch at `step` (an epoch's permutation, seeded by (seed, epoch))."""
         epoch, j = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
             self._perm = torch.randperm(
                 self.n, generator=torch.Generator().manual_seed(stable_seed(self.cfg.seed, epoch))
             )
             self._perm_epoch = epoch
-        idx = self._perm[j * self.global_batch : (j + 1) * self.global_batch]
-        gen = torch.Generator().manual_seed(stable_seed(self.cfg.seed, step, 7))
-        choice = (torch.rand(len(idx), generator=gen) * self.cap_count[idx]).long()
+        return self._perm[j * self.global_batch : (j + 1) * self.global_batch]
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(uint8 images b×3×S×S, tokens b×L, label ids b) for this rank at `step`. Every random choice is
+        made for the whole global batch (or per global position), so ranks see exactly their slice of it."""
+        idx, caps = self.indices(step), self.caption_index(step)
         start = self.dist.rank * self.local_batch
         rows = slice(start, start + self.local_batch)
-        local, cap_idx = idx[rows], (self.cap_start[idx] + choice)[rows]
+        local, cap_idx = idx[rows], caps[rows]
         if self.tokens is not None:
             tokens = self.tokens[cap_idx]
         else:
             texts = [
-                drop_words(
-                    self.flat_captions[c],
-                    self.cfg.aug_word_drop,
-                    torch.Generator().manual_seed(stable_seed(self.cfg.seed, step, start + i, 13)),
-                )
+                self.augment_text(self.flat_captions[c], step, start + i)
                 for i, c in enumerate(cap_idx.tolist())
             ]
             tokens = self.tokenizer(texts)

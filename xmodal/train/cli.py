@@ -5,6 +5,7 @@ from pathlib import Path
 import typer
 
 from xmodal.errors import UserError
+from xmodal.train.recipes import recipes_help
 
 
 def train(
@@ -13,6 +14,10 @@ def train(
     ),
     out: str | None = typer.Option(None, help="Run directory (checkpoints, metrics, config)."),
     config: str | None = typer.Option(None, help="YAML file of options; flags given here win."),
+    recipe: str | None = typer.Option(
+        None,
+        help="A paper's option values; --config and flags given here win over them. " + recipes_help(),
+    ),
     resume: bool = typer.Option(False, help="Continue from OUT/checkpoints/latest.pt."),
     resume_override: bool = typer.Option(
         False, help="Resume even though --batch-size, --seed or the data differ from the run's."
@@ -66,6 +71,13 @@ def train(
     aug_flip: float | None = typer.Option(None, help="Horizontal flip probability."),
     aug_color: float | None = typer.Option(None, help="Colour jitter strength."),
     aug_word_drop: float | None = typer.Option(None, help="Caption word-dropout probability."),
+    aug_randaugment_n: int | None = typer.Option(
+        None, help="RandAugment: ops per image, torchvision's op list (0 = off)."
+    ),
+    aug_randaugment_m: int | None = typer.Option(None, help="RandAugment magnitude, 0..30 (default 9)."),
+    aug_text_eda: float | None = typer.Option(
+        None, help="EDA on captions: α, the fraction of words replaced/swapped/deleted (0 = off)."
+    ),
     image_key: str | None = typer.Option(None, help="CSV/TSV image column (default filepath)."),
     caption_key: str | None = typer.Option(None, help="CSV/TSV caption column (default title)."),
     label_key: str | None = typer.Option(None),

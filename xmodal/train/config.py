@@ -1,5 +1,6 @@
-"""Training configuration: defaults < YAML file < command-line flags. The resolved config is saved
-with the run (config.yaml) so that a run can be resumed, evaluated and exported from its folder alone."""
+"""Training configuration: defaults < recipe < YAML file < command-line flags. The resolved config is
+saved with the run (config.yaml) so that a run can be resumed, evaluated and exported from its folder
+alone."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import yaml
 
 from xmodal.errors import UserError
 from xmodal.fsutil import write_text_atomic
+from xmodal.train.recipes import recipe_values
 
 
 @dataclass
@@ -20,6 +22,7 @@ class TrainConfig:
     data: str = ""  # training manifest (JSONL, CSV/TSV, image folder, or webdataset shards)
     out: str = "runs/run"  # run directory
     val: str | None = None  # validation manifest, evaluated every `eval_every` steps
+    recipe: str | None = None  # a paper's option values (xmodal.train.recipes); YAML and flags win over it
     # model
     model: str = "xm-tiny"
     pretrained: str | None = None
@@ -55,6 +58,9 @@ class TrainConfig:
     aug_flip: float = 0.0
     aug_color: float = 0.0
     aug_word_drop: float = 0.0
+    aug_randaugment_n: int = 0  # RandAugment ops per image (torchvision's ops and magnitudes); 0 = off
+    aug_randaugment_m: int = 9  # RandAugment magnitude bin, 0..30
+    aug_text_eda: float = 0.0  # EDA's α on captions (synonym replacement, swap, deletion); 0 = off
     # data
     image_key: str | None = None
     caption_key: str | None = None
@@ -150,14 +156,20 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 def resolve_config(
     yaml_path: str | None, overrides: dict[str, Any], base: dict[str, Any] | None = None
 ) -> TrainConfig:
-    """defaults < `base` (a resumed run's saved options) < YAML < flags (flags given as None are 'not
-    set'). Every value is converted to its field's type."""
+    """defaults < `base` (a resumed run's saved options) < recipe < YAML < flags (flags given as None are
+    'not set'). The recipe is the one named by the flags, else by the YAML file; a recipe known only from
+    `base` adds nothing, its values are in `base` already. Every value is converted to its field's type."""
     values: dict[str, Any] = {}
     if base:
         values.update({k: coerce(k, v) for k, v in base.items() if k in FIELD_NAMES})
-    if yaml_path:
-        values.update(load_yaml(yaml_path))
-    values.update({k: coerce(k, v) for k, v in overrides.items() if v is not None})
+    from_yaml = load_yaml(yaml_path) if yaml_path else {}
+    flags = {k: coerce(k, v) for k, v in overrides.items() if v is not None}
+    recipe = flags.get("recipe", from_yaml.get("recipe"))
+    if recipe is not None:
+        values.update({k: coerce(k, v) for k, v in recipe_values(recipe).items()})
+        values["recipe"] = recipe
+    values.update(from_yaml)
+    values.update(flags)
     cfg = TrainConfig(**values)
     validate(cfg)
     return cfg
@@ -166,6 +178,7 @@ def resolve_config(
 def validate(cfg: TrainConfig) -> None:
     if not cfg.data:
         raise UserError("--data is required: a manifest (JSONL/CSV/TSV), image folder or .tar shards")
+    from xmodal.data.augment import RANDAUGMENT_BINS
     from xmodal.objectives import Composite
 
     Composite.from_config(cfg.objective)  # unknown names or parameters: a one-line error listing them
@@ -181,13 +194,19 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--lr must be positive")
     if not 0 < cfg.aug_crop_scale <= 1:
         raise UserError("--aug-crop-scale must be in (0, 1]")
+    if not 0 <= cfg.aug_randaugment_m <= RANDAUGMENT_BINS - 1:
+        raise UserError(
+            f"--aug-randaugment-m {cfg.aug_randaugment_m}: a magnitude bin, in [0, {RANDAUGMENT_BINS - 1}]"
+        )
+    if not 0 <= cfg.aug_text_eda <= 1:
+        raise UserError(f"--aug-text-eda {cfg.aug_text_eda}: EDA's α, a fraction of the words, in [0, 1]")
     for name in PROBABILITIES:
         if not 0 <= getattr(cfg, name) <= 1:
             raise UserError(f"{_flag(name)} {getattr(cfg, name)}: a probability, in [0, 1]")
     at_least = {
         "log_every": 1,
         "save_every": 1,
-        **dict.fromkeys(("keep_checkpoints", "eval_every", "warmup"), 0),
+        **dict.fromkeys(("keep_checkpoints", "eval_every", "warmup", "aug_randaugment_n"), 0),
         **dict.fromkeys(("lock_image_unlocked_groups", "lock_text_unlocked_layers"), 0),
         **dict.fromkeys(("aug_color", "weight_decay", "grad_clip", "min_lr"), 0.0),
     }
