@@ -1,6 +1,6 @@
 """Training objectives, one file per loss family, registered by name (`xmodal objectives` lists them)."""
 
-from xmodal.objectives import contrastive, geometry, mixup, momentum, robust, supervised, weighted  # noqa: F401  (registers them)
+from xmodal.objectives import contrastive, geometry, late_interaction, mixup, momentum, robust, supervised, weighted  # noqa: F401  (registers them)
 from xmodal.objectives.contrastive import clip_loss, siglip_loss
 from xmodal.objectives.registry import REGISTRY, Composite, Features, Objective, gather_with_grad, register
 
