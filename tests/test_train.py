@@ -120,6 +120,7 @@ def test_fresh_run_refuses_to_overwrite_and_resume_of_finished_run_is_a_no_op(ti
         ("clip+uniformity:0.1+alignment:0.1+multipos:0.5+sdm:0.5", []),
         ("clip+momentum:0.5(queue=12,momentum=0.9)", []),
         ("clip+cwcl:0.5(targets=teacher)+mixup:0.5(kind=m3col)+noisy:0.5", []),
+        ("clip+filip:0.5(token_fraction=0.5)", []),
     ],
 )
 def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objective, sharding):

@@ -1,6 +1,15 @@
 """Training objectives, one file per loss family, registered by name (`xmodal objectives` lists them)."""
 
-from xmodal.objectives import contrastive, geometry, late_interaction, mixup, momentum, robust, supervised, weighted  # noqa: F401  (registers them)
+from xmodal.objectives import (  # noqa: F401  (importing a family registers its objectives)
+    contrastive,
+    geometry,
+    late_interaction,
+    mixup,
+    momentum,
+    robust,
+    supervised,
+    weighted,
+)
 from xmodal.objectives.contrastive import clip_loss, siglip_loss
 from xmodal.objectives.registry import REGISTRY, Composite, Features, Objective, gather_with_grad, register
 

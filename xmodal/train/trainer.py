@@ -100,6 +100,10 @@ class Trainer:
         self.model = build_model(
             self.spec, self.model_cfg, load_hf_weights=self.resume_state is None or "teacher" in self.needs
         )
+        if "tokens" in self.needs:  # a tower without token outputs fails here, not at the first step
+            from xmodal.models.tokens import check_tokens_supported
+
+            check_tokens_supported(self.model)
         if cfg.accum_steps > 1 and any(isinstance(m, _BatchNorm) for m in self.model.modules()):
             raise UserError(
                 f"--accum-steps {cfg.accum_steps}: --model {cfg.model} has BatchNorm layers, whose "
