@@ -88,6 +88,7 @@ PREFERRED = (
     "clip+mixup:0.5",
     "noisy",
     "--recipe improved",
+    "--recipe improved --aug-flip 0",  # a flip turns "left of" captions false (shapes, digits)
 )
 REGULARISERS = frozenset({"alignment", "uniformity"})
 QUICK_CANDIDATES = 2
