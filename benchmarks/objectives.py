@@ -17,7 +17,9 @@ are skipped with a note in the block.
 
 Equal wall-clock, not equal steps: before the timed runs every candidate trains a short calibration run on
 the data set (`--calib-warmup` steps, then `--calib-steps` timed ones) in this same process; its step time is
-the median of the timed steps, and its runs get steps = round(budget / step time), with the same schedule
+the median of the timed steps, and its first run gets steps = round(budget / step time); later seeds' runs
+take the step time from the median over every step of the candidate's finished runs (far more steps than
+the calibration, so budgets converge on the true one). All use the same schedule
 shape for all (linear warm-up over `--warmup-frac` of the steps, then cosine to 0). The actual training
 seconds (the sum of the logged step intervals: batch fetch, forward, backward, optimiser step) are recorded
 and shown beside the budget. Training runs in-process through the `xmodal train` command, so the per-run
@@ -55,6 +57,7 @@ import math
 import os
 import shlex
 import shutil
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -560,6 +563,16 @@ def train_run(a: argparse.Namespace, ds: DataSet, c: Candidate, seed: int, steps
     }
 
 
+def steps_now(a: argparse.Namespace, calib: dict, earlier: Sequence[dict]) -> int:
+    """Steps for the next run: budget / step time, the step time being the median over every step of this
+    candidate's finished runs (dozens of steps, so more exact than the short calibration), else the
+    calibration's."""
+    times = [t for r in earlier for t in r.get("step_s", [])[a.calib_warmup :]]
+    if not times:
+        return calib["steps"]
+    return steps_for_budget(a.budget_s, statistics.median(times), a.min_steps)
+
+
 def calibrate(a: argparse.Namespace, ds: DataSet, c: Candidate, out: Path) -> dict:
     res = train_run(a, ds, c, 0, a.calib_warmup + a.calib_steps, out)
     shutil.rmtree(out, ignore_errors=True)
@@ -742,7 +755,7 @@ def ablate_dataset(
     for seed in range(a.seeds):  # seed-major: background load drifts over all candidates alike
         for i, c in enumerate(live):
             t0 = time.perf_counter()
-            steps = calib[c.label]["steps"]
+            steps = steps_now(a, calib[c.label], runs[c.label])
             out = bench / f"{ds.name}-c{i}-s{seed}"
             rec: dict[str, Any] = {"candidate": c.label, "seed": seed, "steps": steps}
             try:
@@ -848,9 +861,10 @@ def main(argv: list[str] | None = None) -> dict:
     size = int(resolve_model_config(ModelSpec(a.model))["vision_cfg"]["image_size"])
     blocks = [dataset_block(a, sets[n], r, tests, size) for n, r in results.items()]
     intro = (
-        f"Equal wall-clock: **{a.budget_s:g} s of training per run** (steps = budget / calibrated step time; "
-        f"calibration: {a.calib_warmup} warm-up + {a.calib_steps} timed steps per candidate and data set, "
-        f"median), {a.model}, batch {a.batch_size}, AdamW lr {a.lr:g} with linear warm-up over "
+        f"Equal wall-clock: **{a.budget_s:g} s of training per run** (steps = budget / step time; the first "
+        f"seed's step time from a calibration of {a.calib_warmup} warm-up + {a.calib_steps} timed steps, "
+        f"later seeds' from the median step of the candidate's finished runs), {a.model}, "
+        f"batch {a.batch_size}, AdamW lr {a.lr:g} with linear warm-up over "
         f"{a.warmup_frac:.0%} of the steps then cosine to 0, weight decay {a.weight_decay:g}, "
         f"`--precision {a.precision}` ({C.xmodal_precision(a.precision)}), {a.seeds} seed(s). Cells: median "
         "(min–max) over seeds; **train s** = the summed logged step times, to check that the budgets "

@@ -97,6 +97,12 @@ def test_steps_for_the_budget():
     assert O.calibrated_step_s([0.9, 0.2], warmup=5) == pytest.approx(0.55)  # too short: all steps
     # the same schedule shape: warm-up is the same share of every run
     assert (O.warmup_steps(40, 0.1), O.warmup_steps(25, 0.1), O.warmup_steps(3, 0.1)) == (4, 2, 1)
+    # later seeds: the median over every step of the finished runs (their warm-up steps left out)
+    a = O.parse_args(["--budget-s", "12", "--calib-warmup", "1"])
+    calib = {"steps": 40}
+    assert O.steps_now(a, calib, []) == 40
+    runs = [{"step_s": [9.0, 0.4, 0.4, 0.5]}, {"step_s": [9.0, 0.4, 0.6]}]  # median of 0.4 0.4 0.5 0.4 0.6
+    assert O.steps_now(a, calib, runs) == 30
 
 
 def test_train_command_keeps_the_budget_and_lets_a_candidate_add_flags(tmp_path):

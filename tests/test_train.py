@@ -118,9 +118,11 @@ def test_fresh_run_refuses_to_overwrite_and_resume_of_finished_run_is_a_no_op(ti
         ("siglip", []),
         ("clip", ["--fsdp"]),
         ("clip+uniformity:0.1+alignment:0.1+multipos:0.5+sdm:0.5", []),
-        ("clip+momentum:0.5(queue=12,momentum=0.9)", []),
-        ("clip+cwcl:0.5(targets=teacher)+mixup:0.5(kind=m3col)+noisy:0.5", []),
-        ("clip+filip:0.5(token_fraction=0.5)", []),
+        (  # everything that needs more than the pooled features: an EMA model, a teacher, tokens
+            "clip+momentum:0.5(queue=12,momentum=0.9)+cwcl:0.5(targets=teacher)+mixup:0.5(kind=m3col)"
+            "+noisy:0.5+filip:0.5(token_fraction=0.5)",
+            [],
+        ),
     ],
 )
 def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objective, sharding):
@@ -193,8 +195,7 @@ def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objecti
         "clip",
         "siglip",
         "clip+uniformity:0.1(t=3)+alignment:0.1+multipos:0.5+sdm:0.5",
-        "clip+momentum:0.5(queue=12,momentum=0.9)",
-        "clip+cwcl:0.5(targets=teacher)+mixup:0.5+noisy:0.5(mode=soft)",
+        "clip+momentum:0.5(queue=12,momentum=0.9)+cwcl:0.5(targets=teacher)+mixup:0.5+noisy:0.5(mode=soft)",
     ],
 )
 def test_cached_feature_accumulation_equals_the_full_batch(tiny_manifest, tmp_path, objective):
