@@ -1,6 +1,7 @@
 """Shared fixtures: tiny image-text manifests made on the fly, an isolated cache dir."""
 
 import json
+import math
 import os
 import random
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,3 +101,21 @@ def one_thread():
     with threadpool_limits(limits=1):
         yield
     faiss.omp_set_num_threads(n)
+
+
+# -- brute-force references for the objectives' tests (float64, python loops) ----------------------------
+
+
+def unit_rows(n: int, d: int, seed: int) -> torch.Tensor:
+    """n seeded random unit vectors in float64."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
+
+
+def dot(a, b) -> float:
+    return sum(p * q for p, q in zip(a, b, strict=True))
+
+
+def log_softmax(logits) -> list[float]:
+    lse = math.log(sum(math.exp(v) for v in logits))
+    return [v - lse for v in logits]

@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import typer
 from typer.testing import CliRunner
 
@@ -48,8 +47,7 @@ def test_data_shapes_check_and_cache(tmp_path):
 def test_data_emoji_command(tmp_path):
     from xmodal.data.emoji import EMOJI_TEST
 
-    if not EMOJI_TEST.is_file():
-        pytest.skip("unicode-data not installed")
+    assert EMOJI_TEST.is_file(), "apt-get install unicode-data (README, .ci/run)"
     res = CliRunner().invoke(_app(), ["data", "emoji", str(tmp_path), "--limit", "5", "--langs", "de",
                                       "--image-size", "16"])
     assert res.exit_code == 0, res.output

@@ -6,23 +6,15 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from tests.conftest import dot as _dot
+from tests.conftest import unit_rows as _unit
 from xmodal.errors import UserError
 from xmodal.objectives import REGISTRY, Composite
 from xmodal.objectives.mixup import slerp
 from xmodal.objectives.registry import Features
 
 T = 5.0
-
-
-def _unit(n, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-
-
-def _dot(a, b):
-    return sum(p * q for p, q in zip(a, b, strict=True))
 
 
 def _normalise(a):

@@ -8,15 +8,11 @@ import shutil
 import pytest
 import torch
 
+from tests.conftest import unit_rows as _unit
 from xmodal.errors import UserError
 from xmodal.objectives import Composite, Features
 from xmodal.train.config import TrainConfig
 from xmodal.train.trainer import Trainer
-
-
-def _unit(n, d, seed):
-    x = torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    return x / x.norm(dim=1, keepdim=True)
 
 
 def _features(x, y, xm, ym, rows=slice(None), t=5.0, step=0):

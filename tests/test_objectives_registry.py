@@ -7,19 +7,14 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import unit_rows as _unit
 from xmodal.errors import UserError
 from xmodal.objectives import REGISTRY, Composite
 from xmodal.objectives.geometry import uniformity
 from xmodal.objectives.registry import Features, parse_spec
 from xmodal.train.config import resolve_config
-
-
-def _unit(n, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
 
 
 def brute_alignment(x, y, alpha):

@@ -7,25 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.conftest import dot as _dot
+from tests.conftest import log_softmax as _log_softmax
+from tests.conftest import unit_rows as _unit
 from xmodal.errors import UserError
 from xmodal.objectives import REGISTRY, Composite
 from xmodal.objectives.registry import Features
 
 T = 6.0
-
-
-def _unit(n, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-
-
-def _dot(a, b):
-    return sum(p * q for p, q in zip(a, b, strict=True))
-
-
-def _log_softmax(logits):
-    lse = math.log(sum(math.exp(v) for v in logits))
-    return [v - lse for v in logits]
 
 
 def brute_pair_losses(x, y, t):
