@@ -19,6 +19,10 @@ COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "
 SHAPES = ("circle", "square")
 
 
+# the smallest model, in plain fp32, quiet, batch 8: what CLI tests train with
+MICRO_TRAIN = ["--model", "xm-micro", "--precision", "fp32", "--no-progress", "--batch-size", "8"]
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("XMODAL_CACHE", str(tmp_path_factory.getbasetemp() / "xmodal-cache"))

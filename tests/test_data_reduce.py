@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import assert_one_line_error, run_cli, write_tiny_manifest
+from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli, write_tiny_manifest
 from xmodal.data.reduce import (
     cluster_quotas,
     default_clusters,
@@ -181,13 +181,7 @@ def trained(tmp_path_factory):
         "train",
         "--data",
         str(m),
-        "--model",
-        "xm-micro",
-        "--precision",
-        "fp32",
-        "--no-progress",
-        "--batch-size",
-        "8",
+        *MICRO_TRAIN,
         "--steps",
         "2",
         "--out",
@@ -240,13 +234,7 @@ def test_reduce_end_to_end(trained, tmp_path):
         "train",
         "--data",
         str(out),
-        "--model",
-        "xm-micro",
-        "--precision",
-        "fp32",
-        "--no-progress",
-        "--batch-size",
-        "8",
+        *MICRO_TRAIN,
         "--steps",
         "1",
         "--out",

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli
 from tests.conftest import unit_rows as _unit
 from xmodal.errors import UserError
 from xmodal.objectives import REGISTRY, Composite
@@ -120,13 +120,7 @@ def test_train_logs_each_term(tiny_manifest, tmp_path):
         "train",
         "--data",
         str(tiny_manifest),
-        "--model",
-        "xm-micro",
-        "--precision",
-        "fp32",
-        "--no-progress",
-        "--batch-size",
-        "8",
+        *MICRO_TRAIN,
         "--steps",
         "2",
         "--log-every",

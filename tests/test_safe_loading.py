@@ -5,7 +5,7 @@ import json
 
 import torch
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli
 
 
 class _CreatesAFile:
@@ -23,13 +23,7 @@ def test_crafted_checkpoint_and_pretrained_file_are_refused_not_executed(tiny_ma
     common = [
         "--data",
         str(tiny_manifest),
-        "--model",
-        "xm-micro",
-        "--precision",
-        "fp32",
-        "--no-progress",
-        "--batch-size",
-        "8",
+        *MICRO_TRAIN,
     ]
     run_cli("train", *common, "--steps", "1", "--out", str(run))
     marker = tmp_path / "pwned"

@@ -8,12 +8,10 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import assert_one_line_error, run_cli, write_tiny_manifest
+from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli, write_tiny_manifest
 from xmodal.errors import UserError
 from xmodal.train import cli
 from xmodal.train.config import FIELD_NAMES, resolve_config
-
-MICRO = ["--model", "xm-micro", "--precision", "fp32", "--no-progress", "--batch-size", "8"]
 
 
 def test_yaml_values_are_converted_to_the_field_type_or_rejected_by_key(tmp_path):
@@ -72,7 +70,7 @@ def test_new_flags_reach_the_run(tiny_manifest, tmp_path):
         "train",
         "--data",
         str(tiny_manifest),
-        *MICRO,
+        *MICRO_TRAIN,
         "--steps",
         "1",
         "--out",
@@ -115,7 +113,7 @@ def test_bad_values_are_one_line_errors(tiny_manifest, tmp_path, args, needle):
         "train",
         "--data",
         str(tiny_manifest),
-        *MICRO,
+        *MICRO_TRAIN,
         "--steps",
         "1",
         "--out",
@@ -134,7 +132,7 @@ def test_val_without_eval_every_evaluates_at_the_end(tiny_manifest, tmp_path):
         str(tiny_manifest),
         "--val",
         str(tiny_manifest),
-        *MICRO,
+        *MICRO_TRAIN,
         "--steps",
         "2",
         "--out",
@@ -153,7 +151,7 @@ def test_resume_without_checkpoint_refuses_and_keeps_metrics(tiny_manifest, tmp_
         "train",
         "--data",
         str(tiny_manifest),
-        *MICRO,
+        *MICRO_TRAIN,
         "--steps",
         "2",
         "--out",
@@ -167,7 +165,7 @@ def test_resume_without_checkpoint_refuses_and_keeps_metrics(tiny_manifest, tmp_
 
 def test_resume_of_a_different_run_is_refused_unless_overridden(tiny_manifest, tmp_path):
     out = tmp_path / "r"
-    base = ["train", "--data", str(tiny_manifest), *MICRO, "--out", str(out)]
+    base = ["train", "--data", str(tiny_manifest), *MICRO_TRAIN, "--out", str(out)]
     run_cli(*base, "--steps", "2")
     other = write_tiny_manifest(tmp_path / "other", seed=1)
     for args, needle in [

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
-from tests.conftest import assert_one_line_error, run_cli
+from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli
+from tests.conftest import unit_rows as _unit
 from xmodal.errors import UserError
 from xmodal.objectives import Composite, clip_loss
 from xmodal.objectives.registry import Features
@@ -18,8 +18,6 @@ from xmodal.train.batcher import Batcher
 from xmodal.train.config import FIELD_NAMES, TrainConfig, resolve_config
 from xmodal.train.distributed import DistInfo
 from xmodal.train.recipes import RECIPES, recipe_values
-
-MICRO = ["--model", "xm-micro", "--precision", "fp32", "--no-progress", "--batch-size", "8"]
 
 
 # -- the table and its precedence ------------------------------------------------------------------------
@@ -87,7 +85,7 @@ def test_train_with_the_recipe_saves_its_values_and_a_flag_wins(tiny_manifest, t
     out = tmp_path / "r"
     base = ["train", "--data", str(tiny_manifest), "--out", str(out)]
     flags = ["--aug-flip", "0", "--aug-randaugment-n", "2"]  # one overrides the recipe, one adds to it
-    run_cli(*base, *MICRO, "--steps", "2", "--log-every", "1", "--recipe", "improved", *flags)
+    run_cli(*base, *MICRO_TRAIN, "--steps", "2", "--log-every", "1", "--recipe", "improved", *flags)
     saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
     assert saved["recipe"] == "improved" and saved["aug_flip"] == 0.0 and saved["aug_randaugment_n"] == 2
     want = {**recipe_values("improved"), "aug_flip": 0.0}
@@ -169,11 +167,6 @@ def test_eda_in_the_batcher_is_seeded_per_step_and_global_position():
 
 
 # -- label smoothing on the clip objective ----------------------------------------------------------------
-def _unit(n, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    return F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=1)
-
-
 def brute_smoothed_clip(x, y, t, eps):
     """Each row's target: 1−ε on its positive, plus ε/B on each of the B columns."""
     n, total = len(x), 0.0
