@@ -95,13 +95,14 @@ def build_model(
     cfg = copy.deepcopy(cfg if cfg is not None else resolve_model_config(spec))
     custom = _is_custom_text(cfg)
     cfg.pop("custom_text", None)
+    fusion = cfg.pop("fusion", None)  # xmodal's fusion encoder: attached after the open_clip towers
     if "hf_model_name" in cfg["text_cfg"]:
         cfg["text_cfg"]["hf_model_pretrained"] = load_hf_weights and not spec.pretrained
     if spec.pretrained and not Path(spec.pretrained).is_file():
         if open_clip.get_pretrained_cfg(spec.name, spec.pretrained):  # hub tag: needs internet
             model = open_clip.create_model(spec.name, pretrained=spec.pretrained)
             _lock(model, spec)
-            return model
+            return _with_fusion(model, fusion)
         raise UserError(f"--pretrained {spec.pretrained}: file not found")
     model = (CustomTextCLIP if custom else CLIP)(**cfg)
     if spec.pretrained:
@@ -118,6 +119,14 @@ def build_model(
                 f"--pretrained {spec.pretrained}: does not fit --model {spec.name} ({first})"
             ) from e
     _lock(model, spec)
+    return _with_fusion(model, fusion)
+
+
+def _with_fusion(model: torch.nn.Module, fusion: dict[str, Any] | None) -> torch.nn.Module:
+    if fusion is not None:
+        from xmodal.models.fusion import attach_fusion
+
+        attach_fusion(model, fusion)
     return model
 
 

@@ -86,25 +86,31 @@ def _project(x: torch.Tensor, proj: torch.Tensor | torch.nn.Module | None) -> to
 # -- image ------------------------------------------------------------------------------------
 
 
-def _check_visual(visual: torch.nn.Module) -> None:
+def _check_visual(visual: torch.nn.Module, why: str = _WHY) -> None:
     if not isinstance(visual, VisionTransformer):
         raise UserError(
-            _WHY + f"the {type(visual).__name__} image tower does not provide them yet (use a ViT)"
+            why + f"the {type(visual).__name__} image tower does not provide them yet (use a ViT)"
         )
     if visual.attn_pool is not None:
-        raise UserError(_WHY + "an attentional-pool image tower gives query tokens, not patch tokens")
+        raise UserError(why + "an attentional-pool image tower gives query tokens, not patch tokens")
     if visual.pool_type not in ("tok", "avg"):
-        raise UserError(_WHY + f"image pool_type {visual.pool_type!r} is not supported (use 'tok' or 'avg')")
+        raise UserError(why + f"image pool_type {visual.pool_type!r} is not supported (use 'tok' or 'avg')")
 
 
-def _image(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _image_unprojected(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pooled b×D, patch tokens b×N×W after ln_post, before the projection) from one ViT pass."""
     visual = model.visual
     _check_visual(visual)
     with _output_tokens(visual):
         pooled, tokens = visual(pixels)  # tokens: patch tokens (class token dropped), width W
     if visual.final_ln_after_pool:  # ln_post was applied to the pooled vector only
         tokens = visual.ln_post(tokens)
-    return pooled, _project(tokens, visual.proj)
+    return pooled, tokens
+
+
+def _image(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    pooled, tokens = _image_unprojected(model, pixels)
+    return pooled, _project(tokens, model.visual.proj)
 
 
 # -- text -------------------------------------------------------------------------------------

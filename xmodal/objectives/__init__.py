@@ -4,6 +4,8 @@ from xmodal.objectives import (  # noqa: F401  (importing a family registers its
     contrastive,
     geometry,
     late_interaction,
+    masked_lm,
+    matching,
     mixup,
     momentum,
     robust,

@@ -27,7 +27,14 @@ import torch.distributed as dist
 
 from xmodal.errors import UserError
 
-NEEDS = ("pooled", "tokens", "labels", "momentum", "teacher")  # what an objective may ask of the model
+NEEDS = (
+    "pooled",
+    "tokens",
+    "labels",
+    "momentum",
+    "teacher",
+    "fusion",
+)  # what an objective may ask of the model
 
 
 @dataclass
@@ -56,6 +63,7 @@ class Features:
     text_tokens: torch.Tensor | None = None  # b×L×D
     text_mask: torch.Tensor | None = None  # b×L bool, True on real (non-padding) tokens
     step: int = 0  # the optimiser step (for schedules such as ALBEF's α warm-up)
+    fusion: Any = None  # a `FusionBatch` (hidden states, the model's fusion encoder), for itm/mlm/mod
 
     @classmethod
     def gather(
@@ -132,6 +140,10 @@ class Objective:
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
+
+    def bind(self, others: Sequence[Objective]) -> None:
+        """Called once with every objective of the composite (itself included): an objective whose
+        behaviour depends on another's (mlm distilled when mod is there) looks it up here."""
 
     def terms(self, f: Features) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -267,6 +279,8 @@ class Composite:
     def __init__(self, objectives: Sequence[tuple[Objective, float]]) -> None:
         self.objectives = list(objectives)
         self._names: dict[str, list[str]] = {}  # objective → the names of its terms
+        for o, _ in self.objectives:
+            o.bind([x for x, _ in self.objectives])
 
     @classmethod
     def from_config(cls, value: str | Sequence[Any]) -> Composite:

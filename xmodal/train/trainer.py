@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -88,9 +89,17 @@ class Trainer:
         self.needs = self.objective.needs
         if "momentum" in self.needs and self.objective.ema_decay is None:
             raise ValueError("an objective needs the momentum model but gives no EMA decay")
-        extra = sorted(self.needs & {"tokens", "momentum", "teacher"})
+        extra = sorted(self.needs & {"tokens", "momentum", "teacher", "fusion"})
         if extra and self.fsdp:
             raise UserError(f"--objective {cfg.objective}: needs {', '.join(extra)}, not with --fsdp yet")
+        if "fusion" in self.needs:
+            if cfg.compile:
+                raise UserError(
+                    f"--objective {cfg.objective}: the fusion objectives do not run with --compile yet"
+                )
+            from xmodal.models.fusion import FUSION_DEFAULTS
+
+            self.model_cfg.setdefault("fusion", dict(FUSION_DEFAULTS))  # a model JSON may size it
         if cfg.accum_steps > 1 and self.objective.unsupported_with_accumulation():
             names = ", ".join(self.objective.unsupported_with_accumulation())
             raise UserError(f"--objective {names} cannot run on cached features; use --accum-steps 1")
@@ -192,6 +201,13 @@ class Trainer:
             if self.towers is not None:
                 img, txt, scale, bias = self.towers(pixels, tokens)
                 return img.float(), txt.float(), scale, bias
+            if "fusion" in self.needs:  # one pass per tower gives pooled features and hidden states
+                from xmodal.models.fusion import encode_hidden, tokens_from_hidden
+
+                h = encode_hidden(self.model, pixels, tokens)
+                toks = tokens_from_hidden(self.model, h) if "tokens" in self.needs else {}
+                img, txt = (F.normalize(v.float(), dim=-1) for v in (h.image, h.text))
+                return img, txt, self.model.logit_scale.exp(), self.model.logit_bias, {**toks, "hidden": h}
             if "tokens" in self.needs:
                 from xmodal.models.tokens import encode_with_tokens
 
@@ -209,12 +225,18 @@ class Trainer:
 
     @torch.no_grad()
     def _frozen_features(self, model: torch.nn.Module, x: torch.Tensor, tokens: torch.Tensor):
-        """A frozen copy's (image, text) features of the same (augmented) batch."""
+        """A frozen copy's (image, text) features of the same (augmented) batch, and its hidden states
+        when fusion objectives distil from them (else None)."""
         with self._kernels():
             pixels = self.encoder.normalize_pixels(x)
+            if "fusion" in self.needs and model is self.momentum_model:
+                from xmodal.models.fusion import encode_hidden
+
+                h = encode_hidden(model, pixels, tokens)
+                return F.normalize(h.image.float(), dim=-1), F.normalize(h.text.float(), dim=-1), h
             img = model.encode_image(pixels, normalize=True)
             txt = encode_text(model, tokens, normalize=True)
-        return img.float(), txt.float()
+        return img.float(), txt.float(), None
 
     def _extra(self, step: int, pixels_of, tok_chunks) -> dict[str, Any]:
         """The momentum and teacher features the objectives asked for, micro-batch by micro-batch."""
@@ -225,7 +247,25 @@ class Trainer:
             feats = [self._frozen_features(model, pixels_of(i), t) for i, t in enumerate(tok_chunks)]
             extra[f"{kind}_image"] = torch.cat([f[0] for f in feats])
             extra[f"{kind}_text"] = torch.cat([f[1] for f in feats])
+            if feats[0][2] is not None:  # fusion objectives: one micro-batch (no accumulation)
+                extra[f"{kind}_hidden"] = feats[0][2]
         return extra
+
+    def _fusion_batch(self, step: int, hidden, extra: dict[str, Any]):
+        """The step's `FusionBatch`: hidden states, the model's fusion encoder and the seeded draws."""
+        from xmodal.objectives.fusion_batch import FusionBatch
+
+        return FusionBatch(
+            model=self.model,
+            hidden=hidden,
+            seed=self.cfg.seed,
+            step=step,
+            global_batch=self.cfg.batch_size,
+            offset=self.dist.rank * len(hidden.text_ids),
+            autocast=self._kernels,
+            momentum_model=self.momentum_model,
+            momentum_hidden=extra.pop("momentum_hidden", None),
+        )
 
     def _pixels(self, images: torch.Tensor, step: int, offset: int) -> torch.Tensor:
         """uint8 → float [0,1] on the device, augmented; `offset` = local position in the rank's batch."""
@@ -249,7 +289,10 @@ class Trainer:
             pixels = self._pixels(images, step, 0)
             img, txt, scale, bias, *toks = self._features(pixels, tokens)
             extra = self._extra(step, lambda i: pixels, [tokens])
-            loss, terms = self.objective(img, txt, scale, bias, labels, **extra, **(toks[0] if toks else {}))
+            toks = toks[0] if toks else {}
+            if "hidden" in toks:
+                extra["fusion"] = self._fusion_batch(step, toks.pop("hidden"), extra)
+            loss, terms = self.objective(img, txt, scale, bias, labels, **extra, **toks)
             scale_loss(loss).backward()
             return loss, scale, terms
         im_chunks, tok_chunks = images.chunk(k), tokens.chunk(k)
