@@ -68,7 +68,7 @@ class FusionBatch:
         return self._cache["length"]
 
     def all_text(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(hidden B×L×Wt with gradients, attention B×L, ids B×L), padded to the longest caption of any rank."""
+        """(hidden B×L×Wt with gradients, attention B×L, ids B×L), padded to the longest caption."""
         if "all_text" not in self._cache:
             n, h = self.global_length(), self.hidden
             self._cache["all_text"] = (
