@@ -154,6 +154,10 @@ def load_encoder(
         model = build_model(
             ModelSpec(name=str(src / "model.json"), pretrained=str(weights)), model_cfg, load_hf_weights=False
         )
+        if (src / "fusion.json").is_file():  # xmodal's fusion encoder, exported beside the towers
+            from xmodal.models.fusion import load_exported_fusion
+
+            model_cfg = {**model_cfg, "fusion": load_exported_fusion(model, src)}
         name = src.name
     elif src.is_dir():
         raise UserError(f"{src}: not an xmodal run (config.yaml) nor an open_clip export (model.json)")

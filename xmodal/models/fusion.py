@@ -283,6 +283,34 @@ def attach_fusion(model: nn.Module, cfg: dict[str, Any]) -> FusionEncoder:
     return model.fusion
 
 
+def load_exported_fusion(model: nn.Module, folder: Any) -> dict[str, Any]:
+    """Attach the fusion encoder that `xmodal export` wrote to `folder` (fusion.json + fusion.safetensors)
+    and return its config; one-line errors naming the file that is missing or does not fit."""
+    import json
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    weights = folder / "fusion.safetensors"
+    try:
+        cfg = json.loads((folder / "fusion.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{folder / 'fusion.json'}: not valid JSON ({e.msg}); re-export the run") from e
+    if not weights.is_file():
+        raise UserError(f"{folder}: has fusion.json but no fusion.safetensors; re-export the run")
+    fusion = attach_fusion(model, cfg)
+    try:
+        fusion.load_state_dict(load_file(weights))
+    except (RuntimeError, SafetensorError) as e:
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise UserError(
+            f"{weights}: does not fit the fusion config in fusion.json ({first}); re-export"
+        ) from e
+    return cfg
+
+
 def fusion_of(model: nn.Module, where: str = "the model") -> FusionEncoder:
     f = getattr(model, "fusion", None)
     if f is None:

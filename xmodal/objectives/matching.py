@@ -113,12 +113,12 @@ class Itm(Objective):
         ranks = B // b
         return {"itm": F.cross_entropy(logits.float(), target, reduction="sum") * ranks / n_global}
 
-    def _synthesised(self, fb: FusionBatch, length: int):
-        """(hidden, attention, rows) of the captions with masked tokens replaced by wrong predictions."""
-        prob = self.params.synth_prob
-        m = fb.masking(prob)
+    def synthesised_ids(self, fb: FusionBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids, rows): the captions of `rows` (those with a masked token) with each masked token replaced
+        by the MLM head's best prediction other than the true token and the special ids."""
+        m = fb.masking(self.params.synth_prob)
         with torch.no_grad():
-            logits = fb.masked_logits(prob).detach().clone()
+            logits = fb.masked_logits(self.params.synth_prob).detach().clone()
             truth = m.labels[m.selected]
             logits[torch.arange(len(truth)), truth] = -torch.inf
             specials = [i for i in special_ids(fb.model) if 0 <= i < logits.shape[1]]
@@ -126,5 +126,10 @@ class Itm(Objective):
             ids = m.labels.clone()
             ids[m.selected] = logits.argmax(1)
             rows = m.selected.any(1).nonzero().squeeze(1)
-        h, attn = fb.encode_text(ids[rows])
+        return ids[rows], rows
+
+    def _synthesised(self, fb: FusionBatch, length: int):
+        """(hidden, attention, rows) of the synthesised captions, padded to `length`."""
+        ids, rows = self.synthesised_ids(fb)
+        h, attn = fb.encode_text(ids)
         return pad_to(h, length), pad_to(attn, length, False), rows
