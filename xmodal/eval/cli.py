@@ -98,6 +98,21 @@ def register(app: typer.Typer) -> None:
             typer.Option("--hubness-bank", help="manifest for the correction's banks (e.g. train)"),
         ] = None,
         hubness_beta: Annotated[float, typer.Option("--hubness-beta", help="inverse temperature")] = 20.0,
+        rerank: Annotated[
+            str | None,
+            typer.Option(
+                "--rerank",
+                help="also report retrieval re-ranked by the ITM head (itm) within the ITC top --rerank-k; "
+                "needs a fusion head (--objective clip+itm)",
+            ),
+        ] = None,
+        rerank_k: Annotated[
+            int, typer.Option("--rerank-k", help="candidates per query re-scored by --rerank")
+        ] = 16,
+        score: Annotated[
+            str,
+            typer.Option("--score", help="probe pair score: cosine, or itm (the fusion encoder's ITM head)"),
+        ] = "cosine",
         pgd_eps: Annotated[str, typer.Option("--pgd-eps", help="L∞ radius in [0,1] pixel units")] = "4/255",
         pgd_steps: Annotated[int, typer.Option("--pgd-steps")] = 10,
         pgd_step_size: Annotated[str, typer.Option("--pgd-step-size")] = "1/255",
@@ -119,7 +134,7 @@ def register(app: typer.Typer) -> None:
 
         from xmodal.eval import evaluate, parse_tasks, read_templates, write_json
 
-        parse_tasks(task)  # fail fast on a bad --task, before loading anything
+        names, _ = parse_tasks(task)  # fail fast on a bad --task, before loading anything
         if not data.exists():
             raise UserError(f"--data {data}: file not found")
         tmpl = read_templates(templates) if templates is not None else None
@@ -131,6 +146,9 @@ def register(app: typer.Typer) -> None:
             hubness_norm=hubness_norm,
             hubness_bank=hubness_bank,
             hubness_beta=hubness_beta,
+            rerank=rerank,
+            rerank_k=rerank_k,
+            score=score,
             pgd_eps=parse_number(pgd_eps, "--pgd-eps"),
             pgd_steps=pgd_steps,
             pgd_step_size=parse_number(pgd_step_size, "--pgd-step-size"),
@@ -145,11 +163,18 @@ def register(app: typer.Typer) -> None:
         EvalOptions.from_kwargs(
             positives=positives, templates=tmpl, **opts
         )  # flag errors before the model loads
+        from xmodal.eval.rerank import check_requests, require_fusion
+
+        check_requests(names, rerank, score)
 
         from xmodal.data import load_dataset
         from xmodal.models import load_encoder
 
         encoder = load_encoder(model, pretrained=pretrained, device=device, checkpoint=checkpoint)
+        if rerank is not None:
+            require_fusion(encoder, f"--rerank {rerank}")  # before the data loads
+        if score == "itm":
+            require_fusion(encoder, "--score itm")
         ds = load_dataset(
             str(data),
             encoder.image_size,

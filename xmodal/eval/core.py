@@ -31,6 +31,10 @@ class EvalOptions:
     hubness_norm: str | None = None  # qbnorm | qbnorm-dynamic | dbnorm | dbnorm-dynamic | invgc | localadj
     hubness_bank: str | None = None  # manifest whose images and captions form the banks (e.g. train split)
     hubness_beta: float = 20.0
+    # ITM re-ranking of retrieval (xmodal.eval.rerank): reported beside the raw numbers
+    rerank: str | None = None  # "itm": re-score each query's ITC top rerank_k by the fusion encoder
+    rerank_k: int = 16
+    score: str = "cosine"  # the compositional probe's pair score: cosine | itm
     # modality gap
     gap_max_items: int = 2000  # per modality, for uniformity and the linear classifier (seeded subsample)
     gap_test_size: float = 0.3
@@ -55,7 +59,7 @@ class EvalOptions:
         unknown = sorted(set(kw) - names)
         if unknown:
             raise TypeError(f"evaluate() got unknown task options {unknown}; known: {sorted(names)}")
-        keep_none = ("positives", "templates", "hubness_norm", "hubness_bank")
+        keep_none = ("positives", "templates", "hubness_norm", "hubness_bank", "rerank")
         opts = cls(**{k: v for k, v in kw.items() if v is not None or k in keep_none})
         opts.validate()
         return opts
@@ -77,6 +81,16 @@ class EvalOptions:
             raise UserError(
                 "--pgd-eps must be in [0, 1] (pixel units, e.g. 4/255); steps, step size, images ≥ 0"
             )
+        from xmodal.eval.rerank import RERANK, SCORES
+
+        if self.rerank not in (None, *RERANK):
+            raise UserError(
+                f"--rerank {self.rerank}: choose {' or '.join(RERANK)} (re-score the top --rerank-k by ITM)"
+            )
+        if int(self.rerank_k) < 1:
+            raise UserError(f"--rerank-k {self.rerank_k}: must be ≥ 1 (candidates re-scored per query)")
+        if self.score not in SCORES:
+            raise UserError(f"--score {self.score}: choose {' or '.join(SCORES)}")
         if self.templates is not None:
             check_templates(self.templates, "templates")
         if self.hubness_norm not in (None, "none"):
@@ -85,8 +99,10 @@ class EvalOptions:
             if self.hubness_norm not in METHODS:
                 raise UserError(f"--hubness-norm {self.hubness_norm}: choose one of {', '.join(METHODS)}")
             if not self.hubness_bank:
-                raise UserError(f"--hubness-norm {self.hubness_norm} needs --hubness-bank MANIFEST "
-                                "(queries and gallery items to normalise against, e.g. the training split)")
+                raise UserError(
+                    f"--hubness-norm {self.hubness_norm} needs --hubness-bank MANIFEST "
+                    "(queries and gallery items to normalise against, e.g. the training split)"
+                )
             if not Path(self.hubness_bank).exists():
                 raise UserError(f"--hubness-bank {self.hubness_bank}: file not found")
 

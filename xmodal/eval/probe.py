@@ -43,20 +43,28 @@ def unavailable(ctx: EvalContext) -> str | None:
 
 
 def probe_scores(items: list[tuple[int, str, list[tuple[str, str]]]], image_embs, text_fn) -> dict[str, Any]:
-    """Score the probe given image embeddings (N×D) and a function texts → embeddings."""
+    """Score the probe given image embeddings (N×D) and a function texts → embeddings (cosine)."""
     trues = text_fn([t for _, t, _ in items])
-    negs_flat = [c for _, _, ps in items for c, _ in ps]
-    neg_e = text_fn(negs_flat)
+    neg_e = text_fn([c for _, _, ps in items for c, _ in ps])
+    s_true = [float(image_embs[i] @ trues[row]) for row, (i, _, _) in enumerate(items)]
+    rows = [i for i, _, ps in items for _ in ps]
+    s_neg = [float(image_embs[i] @ neg_e[j]) for j, i in enumerate(rows)]
+    return probe_results(items, s_true, s_neg)
+
+
+def probe_results(
+    items: list[tuple[int, str, list[tuple[str, str]]]], s_true: list[float], s_neg: list[float]
+) -> dict[str, Any]:
+    """Accuracies from s(image, true caption) per item and s(image, negative) per negative (flat, in
+    item order): an image passes a swap type when its true caption beats every negative of that type."""
     per_type_img: dict[str, list[bool]] = defaultdict(list)
     per_type_pair: dict[str, list[bool]] = defaultdict(list)
     overall_img: list[bool] = []
     j = 0
-    for row, (i, _, pairs) in enumerate(items):
-        x = image_embs[i]
-        s_true = float(x @ trues[row])
+    for row, (_, _, pairs) in enumerate(items):
         wins: dict[str, list[bool]] = defaultdict(list)
         for _, typ in pairs:
-            wins[typ].append(s_true > float(x @ neg_e[j]))
+            wins[typ].append(s_true[row] > s_neg[j])
             j += 1
         for typ, w in wins.items():
             per_type_img[typ].append(all(w))
@@ -87,4 +95,11 @@ def probe_scores(items: list[tuple[int, str, list[tuple[str, str]]]], image_embs
 def run(ctx: EvalContext) -> dict[str, Any]:
     if (why := unavailable(ctx)) is not None:
         raise UserError(f"--task probe: {why}")
-    return probe_scores(_items(ctx), ctx.cache.images, ctx.cache.texts)
+    items = _items(ctx)
+    if ctx.options.score == "itm":
+        from xmodal.eval.rerank import probe_itm
+
+        out = probe_results(items, *probe_itm(ctx, items))
+    else:
+        out = probe_scores(items, ctx.cache.images, ctx.cache.texts)
+    return {"score": ctx.options.score, **out}

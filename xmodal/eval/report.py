@@ -132,9 +132,22 @@ def _html_table(d: dict[str, Any]) -> str:
 
 
 _HEADLINE = {
-    "retrieval": ("t2i.R@1", "t2i.R@5", "t2i.R@10", "i2t.R@1", "i2t.R@5", "i2t.R@10", "RSUM"),
+    "retrieval": (
+        "t2i.R@1",
+        "t2i.R@5",
+        "t2i.R@10",
+        "i2t.R@1",
+        "i2t.R@5",
+        "i2t.R@10",
+        "RSUM",
+        "rerank.k",
+        "rerank.t2i.R@1",
+        "rerank.i2t.R@1",
+        "rerank.RSUM",
+        "rerank.ms_per_query",
+    ),
     "zeroshot": ("top1", "top5", "mean_per_class_recall"),
-    "probe": ("accuracy",),
+    "probe": ("score", "accuracy"),
     "hubness": ("t2i.skewness", "i2t.skewness"),
     "gap": ("gap", "linear_separability"),
     "robustness": ("typo.t2i_rel_drop", "noise.i2t_rel_drop", "pgd.success_rate"),
@@ -156,7 +169,7 @@ def _summary(results: dict) -> dict[str, Any]:
 
 def gallery(ctx: EvalContext, n_queries: int, seed: int) -> str:
     """Sampled text queries with their top-5 images, sampled image queries with their top-5 captions;
-    correct results get a green border."""
+    correct results get a green border. With --rerank, the same queries again in the re-ranked order."""
     from xmodal.eval.retrieval import positives_for
 
     c = ctx.cache
@@ -164,8 +177,18 @@ def gallery(ctx: EvalContext, n_queries: int, seed: int) -> str:
         return "<p class=note>no gallery (no data)</p>"
     pos = positives_for(ctx)
     s = c.scores_t2i
+    rows_i2t = torch.arange(c.n_images)
+    views = [("", s, s.T, rows_i2t)]
+    if "rerank_scores" in ctx.artifacts:  # re-ranked t2i (T×N), i2t (images with a positive × T)
+        r_t2i, r_i2t, q_img = ctx.artifacts["rerank_scores"]
+        row = torch.full((c.n_images,), -1, dtype=torch.long)
+        row[q_img] = torch.arange(len(q_img))
+        views.append((f", re-ranked by {ctx.options.rerank} (top {ctx.options.rerank_k})", r_t2i, r_i2t, row))
     gen = np.random.default_rng(seed)
+    texts = sorted(gen.choice(c.n_texts, min(n_queries, c.n_texts), replace=False))
+    images = sorted(gen.choice(c.n_images, min(n_queries, c.n_images), replace=False))
     k = min(5, c.n_images)
+    kt = min(5, c.n_texts)
     thumbs: dict[int, str] = {}
 
     def thumb(i: int) -> str:
@@ -173,24 +196,30 @@ def gallery(ctx: EvalContext, n_queries: int, seed: int) -> str:
             thumbs[i] = _data_uri_png(thumbnail(ctx.data.images[i]))
         return thumbs[i]
 
-    parts = ["<h2>Retrieval gallery: text → image</h2>"]
-    for t in sorted(gen.choice(c.n_texts, min(n_queries, c.n_texts), replace=False)):
-        order = rank_order(s[t : t + 1], pos[t : t + 1], "index")[0, :k].tolist()
-        cells = "".join(
-            f'<img class="thumb{" ok" if pos[t, i] else ""}" src="{thumb(i)}" alt="image {i}">' for i in order
-        )
-        parts.append(f"<div class=row><div class=q>“{html.escape(c.captions[t])}”</div>{cells}</div>")
-    parts.append("<h2>Retrieval gallery: image → text</h2>")
-    kt = min(5, c.n_texts)
-    for i in sorted(gen.choice(c.n_images, min(n_queries, c.n_images), replace=False)):
-        order = rank_order(s.T[i : i + 1], pos.T[i : i + 1], "index")[0, :kt].tolist()
-        caps = "".join(
-            f'<div class="cap{" ok" if pos[t, i] else ""}">{html.escape(c.captions[t])}</div>' for t in order
-        )
-        parts.append(
-            f'<div class=row><div class=q><img class=thumb src="{thumb(int(i))}" alt="query"></div>'
-            f"{caps}</div>"
-        )
+    parts = []
+    for title, s_t2i, s_i2t, i2t_row in views:
+        parts.append(f"<h2>Retrieval gallery: text → image{html.escape(title)}</h2>")
+        for t in texts:
+            order = rank_order(s_t2i[t : t + 1], pos[t : t + 1], "index")[0, :k].tolist()
+            cells = "".join(
+                f'<img class="thumb{" ok" if pos[t, i] else ""}" src="{thumb(i)}" alt="image {i}">'
+                for i in order
+            )
+            parts.append(f"<div class=row><div class=q>“{html.escape(c.captions[t])}”</div>{cells}</div>")
+        parts.append(f"<h2>Retrieval gallery: image → text{html.escape(title)}</h2>")
+        for i in images:
+            r = int(i2t_row[i])
+            if r < 0:  # an image without a caption is no i2t query of the re-ranked lists
+                continue
+            order = rank_order(s_i2t[r : r + 1], pos.T[i : i + 1], "index")[0, :kt].tolist()
+            caps = "".join(
+                f'<div class="cap{" ok" if pos[t, i] else ""}">{html.escape(c.captions[t])}</div>'
+                for t in order
+            )
+            parts.append(
+                f'<div class=row><div class=q><img class=thumb src="{thumb(int(i))}" alt="query"></div>'
+                f"{caps}</div>"
+            )
     return "\n".join(parts)
 
 

@@ -85,6 +85,10 @@ def run(ctx: EvalContext) -> dict[str, Any]:
     }
     if o.hubness_norm not in (None, "none"):
         out["corrected"] = corrected_retrieval(ctx, pos, has)
+    if o.rerank is not None:
+        from xmodal.eval.rerank import rerank_retrieval
+
+        out["rerank"] = rerank_retrieval(ctx, pos, has)
     return out
 
 
@@ -109,5 +113,11 @@ def corrected_retrieval(ctx: EvalContext, pos: torch.Tensor, has: torch.Tensor) 
     s_i2t = corrected_similarities(img, txt, o.hubness_norm, query_bank=bank_img, gallery_bank=bank_txt, **kw)
     t2i = retrieval_metrics(torch.from_numpy(s_t2i), pos, o.ks, o.map_k, o.ties)
     i2t = retrieval_metrics(torch.from_numpy(s_i2t)[has], pos.T[has], o.ks, o.map_k, o.ties)
-    return {"method": o.hubness_norm, "bank": str(o.hubness_bank), "beta": o.hubness_beta,
-            "t2i": t2i, "i2t": i2t, "RSUM": _rsum(t2i, i2t)}
+    return {
+        "method": o.hubness_norm,
+        "bank": str(o.hubness_bank),
+        "beta": o.hubness_beta,
+        "t2i": t2i,
+        "i2t": i2t,
+        "RSUM": _rsum(t2i, i2t),
+    }

@@ -76,6 +76,13 @@ def evaluate(
     opts = EvalOptions.from_kwargs(
         positives=positives, templates=list(templates) if templates is not None else None, **task_options
     )
+    from xmodal.eval.rerank import check_requests, require_fusion
+
+    check_requests(names, opts.rerank, opts.score)
+    if opts.rerank is not None:
+        require_fusion(encoder, f"--rerank {opts.rerank}")
+    if opts.score == "itm":
+        require_fusion(encoder, "--score itm")
     cache = cache or EmbeddingCache(encoder, data, batch_size)
     ctx = EvalContext(encoder=encoder, data=data, cache=cache, options=opts)
     results: dict[str, Any] = {}
