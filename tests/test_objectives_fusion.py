@@ -228,3 +228,14 @@ def test_mod_refuses_momentum_beside_it():
 
     with pytest.raises(UserError, match="drop momentum"):
         Composite.from_config("mod+momentum")
+
+
+def test_mlm_gets_gradients_when_itm_synthesises_first(model):
+    """itm(synth) runs the shared masked pass first; mlm must still train through the cached logits."""
+    f, fb, h = _batch(model)
+    comp = Composite.from_config("itm(synth=true)+mlm")
+    total, _ = comp(f.image, f.text, f.logit_scale, fusion=fb)
+    model.zero_grad()
+    total.backward()
+    assert model.fusion.mlm_bias.grad is not None and model.fusion.mlm_bias.grad.abs().sum() > 0
+    assert model.fusion.itm_head.weight.grad.abs().sum() > 0

@@ -98,12 +98,18 @@ def _losses(run):
 
 
 @pytest.mark.parametrize(
-    "objective", ["clip+momentum:0.5(queue=12,momentum=0.9)", "clip+cwcl:0.5(targets=teacher)"]
+    "objective",
+    [
+        "clip+momentum:0.5(queue=12,momentum=0.9)",
+        "clip+cwcl:0.5(targets=teacher)",
+        "mod(queue=12,momentum=0.9)+itm(synth=true)+mlm",  # the EMA copy holds the fusion encoder too
+    ],
 )
 def test_resume_with_momentum_model_queues_or_teacher_is_exact(tiny_manifest, tmp_path, objective):
     """An EMA model, feature queues and a frozen teacher (the initial model, rebuilt on resume) all
     continue exactly: the resumed run's losses and weights are the uninterrupted run's."""
-    momentum = "momentum" in objective
+    momentum = "momentum" in objective or "mod" in objective
+    key = "mod" if "mod" in objective else "momentum"
     ref = Trainer(_cfg(tiny_manifest, tmp_path / "ref", objective)).fit()
     cut = tmp_path / "cut"  # the same run, as if it had stopped after step 3
     shutil.copytree(ref, cut)
@@ -113,7 +119,7 @@ def test_resume_with_momentum_model_queues_or_teacher_is_exact(tiny_manifest, tm
     shutil.copy(ckpts / "step_3.pt", ckpts / "latest.pt")
     state3 = torch.load(ckpts / "latest.pt", weights_only=True)
     if momentum:
-        assert state3["objectives"]["momentum"]["filled"] == 12 and state3["momentum_model"] is not None
+        assert state3["objectives"][key]["filled"] == 12 and state3["momentum_model"] is not None
     Trainer(_cfg(tiny_manifest, cut, objective), resume=True).fit()
     a, b = _losses(ref), _losses(cut)
     assert sorted(a) == sorted(b) == list(range(1, 7))
@@ -126,8 +132,10 @@ def test_resume_with_momentum_model_queues_or_teacher_is_exact(tiny_manifest, tm
             assert torch.allclose(sa[part][k], sb[part][k], atol=1e-6), (part, k)
     if not momentum:
         return
-    qa, qb = sa["objectives"]["momentum"], sb["objectives"]["momentum"]
+    qa, qb = sa["objectives"][key], sb["objectives"][key]
     assert torch.allclose(qa["queue_text"], qb["queue_text"], atol=1e-6) and qa["ptr"] == qb["ptr"]
     # the EMA really lags the model: it is neither the initial nor the current weights
-    name = next(k for k in sa["model"] if k.endswith("proj") or "proj" in k)
-    assert not torch.allclose(sa["model"][name], sa["momentum_model"][name])
+    for name in [next(k for k in sa["model"] if "proj" in k)] + [k for k in sa["model"] if "fusion." in k][
+        :1
+    ]:
+        assert not torch.allclose(sa["model"][name], sa["momentum_model"][name]), name

@@ -67,21 +67,29 @@ class FusionBatch:
             self._cache["length"] = int(gather(n).max())
         return self._cache["length"]
 
+    def _cached(self, key: str, make: Callable[[], Any]) -> Any:
+        """The step's shared results, made with gradients enabled even when first asked for under
+        no_grad (a sampler's), so that the objective that trains through them still gets gradients."""
+        if key not in self._cache:
+            with torch.enable_grad():
+                self._cache[key] = make()
+        return self._cache[key]
+
     def all_text(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(hidden B×L×Wt with gradients, attention B×L, ids B×L), padded to the longest caption."""
-        if "all_text" not in self._cache:
+
+        def make():
             n, h = self.global_length(), self.hidden
-            self._cache["all_text"] = (
+            return (
                 gather_with_grad(pad_to(h.text_hidden, n)),
                 gather(pad_to(h.text_attn, n, False)),
                 gather(pad_to(h.text_ids, n)),
             )
-        return self._cache["all_text"]
+
+        return self._cached("all_text", make)
 
     def all_image_hidden(self) -> torch.Tensor:
-        if "all_image" not in self._cache:
-            self._cache["all_image"] = gather_with_grad(self.hidden.image_hidden)
-        return self._cache["all_image"]
+        return self._cached("all_image", lambda: gather_with_grad(self.hidden.image_hidden))
 
     def same_caption(self) -> torch.Tensor:
         """B×B bool: captions i and j are the same token sequence (the diagonal included)."""
@@ -140,20 +148,20 @@ class FusionBatch:
 
     def masked_fused(self, prob: float) -> torch.Tensor:
         """The model's fused states b×L×w of the masked captions with their images (gradients flow)."""
-        key = f"masked_fused:{prob}"
-        if key not in self._cache:
+
+        def make():
             m = self.masking(prob)
             h, attn = self.encode_text(m.ids, m.to_mask)
-            self._cache[key] = self.fuse(h, attn, self.hidden.image_hidden)
-        return self._cache[key]
+            return self.fuse(h, attn, self.hidden.image_hidden)
+
+        return self._cached(f"masked_fused:{prob}", make)
 
     def masked_logits(self, prob: float) -> torch.Tensor:
         """The model's vocabulary logits n×V at this rank's selected positions (gradients flow)."""
-        key = f"masked_logits:{prob}"
-        if key not in self._cache:
-            fused = self.masked_fused(prob)
-            self._cache[key] = self.mlm_logits(fused[self.masking(prob).selected])
-        return self._cache[key]
+        return self._cached(
+            f"masked_logits:{prob}",
+            lambda: self.mlm_logits(self.masked_fused(prob)[self.masking(prob).selected]),
+        )
 
     @torch.no_grad()
     def momentum_mlm_logits(self, prob: float, see_caption: bool) -> torch.Tensor:

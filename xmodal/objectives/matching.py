@@ -131,5 +131,8 @@ class Itm(Objective):
     def _synthesised(self, fb: FusionBatch, length: int):
         """(hidden, attention, rows) of the synthesised captions, padded to `length`."""
         ids, rows = self.synthesised_ids(fb)
+        if len(rows) == 0:  # no token of this rank's captions was masked
+            h = fb.hidden.text_hidden
+            return h.new_zeros(0, length, h.shape[2]), h.new_zeros(0, length, dtype=torch.bool), rows
         h, attn = fb.encode_text(ids)
         return pad_to(h, length), pad_to(attn, length, False), rows
