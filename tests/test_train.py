@@ -119,7 +119,7 @@ def test_fresh_run_refuses_to_overwrite_and_resume_of_finished_run_is_a_no_op(ti
         ("clip", ["--fsdp"]),
         ("clip+uniformity:0.1+alignment:0.1+multipos:0.5+sdm:0.5", []),
         (  # everything beyond the pooled features: an EMA model (mod is momentum's ITC and distils mlm),
-            # a teacher, tokens, and the fusion encoder's hard negatives and masking drawn over the global batch
+            # a teacher, tokens, and the fusion encoder (hard negatives and masking over the global batch)
             "clip+mod:0.5(queue=12,momentum=0.9)+cwcl:0.5(targets=teacher)+mixup:0.5(kind=m3col)"
             "+noisy:0.5+filip:0.5(token_fraction=0.5)+itm:1(synth=true)+mlm:0.5(prob=0.3)",
             [],
