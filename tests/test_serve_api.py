@@ -98,6 +98,7 @@ def test_health_and_page(client):
     h = client.get("/health").json()
     assert h["status"] == "ok" and h["items"] == 40 and h["captions"] is True
     assert "qbnorm" in h["norms"]["text"] and "dbnorm-dynamic" in h["norms"]["text"]
+    assert h["rerank"] == {"available": False, "default": 0, "max": 64}  # xm-micro has no ITM head
     page = client.get("/")
     assert page.status_code == 200 and "<title>xmodal search</title>" in page.text
     assert "content-security-policy" in page.headers
@@ -111,7 +112,7 @@ def test_text_search_items_and_thumbs(client, index_dir):
     r = client.get("/search", params={"q": "a red circle", "k": 5})
     assert r.status_code == 200
     body = r.json()
-    assert len(body["results"]) == 5 and body["norm"] == "none"
+    assert len(body["results"]) == 5 and body["norm"] == "none" and body["rerank"] is None
     hit = body["results"][0]
     assert "path" not in hit  # server paths stay private
     idx = open_index(out, encoder=enc)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ARTIFACTS
+from conftest import ARTIFACTS, write_tiny_manifest
 from test_serve_api import KEY, make_index
 
 from tests.conftest import CHROMIUM_ARGS
@@ -138,3 +138,58 @@ def test_api_key_mode(site, page):
     page.press("#q", "Enter")
     page.wait_for_function(THUMBS_LOADED, arg=10, timeout=30_000)  # thumbnails fetched with the header
     shot(page, "serve_api_key.png")
+
+
+@pytest.fixture(scope="module")
+def rerank_site(tmp_path_factory):
+    """A server over an index of a clip+itm run with ITM re-ranking on (top 8)."""
+    from test_index_rerank import MICRO_TRAIN, cli
+
+    from xmodal.index import build_index
+    from xmodal.models import load_encoder
+
+    root = tmp_path_factory.mktemp("browser-rerank")
+    manifest = write_tiny_manifest(root / "data", n=20)
+    cli(
+        "train",
+        "--data",
+        manifest,
+        "--out",
+        root / "run",
+        *MICRO_TRAIN,
+        "--steps",
+        "4",
+        "--objective",
+        "clip+itm",
+    )
+    enc = load_encoder(root / "run", device="cpu")
+    build_index(
+        enc, manifest, root / "idx", model_source=str(root / "run"), progress=False, log=lambda m: None
+    )
+    server = start_in_thread(root / "idx", encoder=enc, rerank=8)
+    yield server
+    server.stop()
+
+
+def test_rerank_badge_and_itm_scores(rerank_site, page):
+    page.goto(rerank_site.url + "/")
+    page.wait_for_selector("body[data-ready='1']")
+    assert page.is_visible("#rerank-badge") and "top 8" in page.inner_text("#rerank-badge")
+    assert page.is_checked("#rerank")
+    page.fill("#q", "a red circle")
+    page.press("#q", "Enter")
+    page.wait_for_function(THUMBS_LOADED, arg=8, timeout=30_000)
+    assert "re-ranked by ITM (top 8)" in page.inner_text("#status")
+    itm = page.locator("#results .result .itm")
+    assert itm.count() == 10  # k=10 > 8: the last two show "ITM —"
+    assert page.inner_text("#results .result .itm >> nth=0").startswith("ITM ")
+    assert page.inner_text("#results .result .itm >> nth=9") == "ITM —"
+    shot(page, "serve_rerank.png")
+    page.uncheck("#rerank")  # off per request: no badge, plain order, no ITM scores
+    assert not page.is_visible("#rerank-badge")
+    page.press("#q", "Enter")
+    page.wait_for_function(
+        "() => document.querySelector('#results').dataset.reranked === '0'", timeout=30_000
+    )
+    assert page.locator("#results .result .itm").count() == 0
+    assert page.errors == [], page.errors

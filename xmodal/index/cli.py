@@ -155,14 +155,25 @@ def search_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON."),
     model: str = typer.Option(None, "--model", help="Override the model recorded in the index."),
     pretrained: str = typer.Option(None, "--pretrained"),
+    rerank: int = typer.Option(
+        0,
+        "--rerank",
+        help="Re-score the top N candidates with the model's ITM (fusion) head and order them by it; "
+        "text → images and --image --captions (0: off). Not `index build --rerank` (float vectors).",
+    ),
 ) -> None:
     """Search an index by text or by image."""
     from xmodal.index.persist import open_index
+    from xmodal.index.search import IMAGE_TO_IMAGE_RERANK
 
     if (query is None) == (image is None):
         raise UserError("give either a text QUERY or --image PATH")
     if k < 1 or k > 10000:
         raise UserError(f"--k {k}: must be between 1 and 10000")
+    if rerank < 0 or rerank > 10000:
+        raise UserError(f"--rerank {rerank}: must be between 0 (off) and 10000")
+    if rerank and image is not None and not captions:
+        raise UserError(IMAGE_TO_IMAGE_RERANK)
     idx = open_index(index)
     if model:
         from xmodal.models import load_encoder
@@ -173,7 +184,7 @@ def search_cmd(
             raise UserError("--captions searches captions by an image: use it with --image")
         if not query.strip():
             raise UserError("empty query")
-        hits = idx.search_text(query, k=k, norm=norm)
+        hits = idx.search_text(query, k=k, norm=norm, rerank=rerank)
     else:
         from xmodal.data import load_image
         from xmodal.data.records import DataStats
@@ -182,18 +193,30 @@ def search_cmd(
         img = load_image(str(image), stats)
         if img is None:
             raise UserError(f"--image {image}: cannot read the image ({stats.summary() or 'unreadable'})")
-        hits = idx.search_captions(img, k=k) if captions else idx.search_image(img, k=k, norm=norm)
+        hits = (
+            idx.search_captions(img, k=k, rerank=rerank)
+            if captions
+            else idx.search_image(img, k=k, norm=norm)
+        )
     if as_json:
         print(json.dumps(hits, ensure_ascii=False, indent=2, default=str))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{len(hits)} result(s)" + (f" · {norm}" if norm and norm != "none" else ""))
-    for col in ("#", "score", "id", "caption"):
-        table.add_column(col, justify="right" if col in ("#", "score") else "left")
+    title = f"{len(hits)} result(s)" + (f" · {norm}" if norm and norm != "none" and not captions else "")
+    if rerank:
+        title += f" · re-ranked by ITM (top {rerank}; itm = match log-odds, score = retrieval score)"
+    table = Table(title=title)
+    cols = ("#", "itm", "score", "was", "id", "caption") if rerank else ("#", "score", "id", "caption")
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("id", "caption") else "right")
     for h in hits:
-        table.add_row(str(h["rank"]), f"{h['score']:.4f}", str(h["id"]), str(h.get("caption") or ""))
+        row = [str(h["rank"]), f"{h['score']:.4f}", str(h["id"]), str(h.get("caption") or "")]
+        if rerank:
+            itm = "—" if h.get("itm") is None else f"{h['itm']:.4f}"
+            row[1:2] = [itm, f"{h['score']:.4f}", str(h.get("retrieval_rank", ""))]
+        table.add_row(*row)
     Console().print(table)
 
 

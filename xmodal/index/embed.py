@@ -147,7 +147,15 @@ def collection_from_records(
 
     records = list(records)
     rows = [
-        _row(r.key, r.image if isinstance(r.image, str) else None, r.captions, r.label, r.lang, r.extra)
+        # absolute, so that `search --rerank` finds the image again from any working directory
+        _row(
+            r.key,
+            os.path.abspath(r.image) if isinstance(r.image, str) else None,
+            r.captions,
+            r.label,
+            r.lang,
+            r.extra,
+        )
         for r in records
     ]
     _unique_ids(rows)
@@ -194,7 +202,7 @@ def collection_from_dataset(data: Any) -> Collection:
         rows.append(
             _row(
                 key,
-                str(p) if p.is_file() else None,
+                str(p.absolute()) if p.is_file() else None,
                 data.captions[i],
                 data.labels[i],
                 (data.langs[i] if getattr(data, "langs", None) else None),

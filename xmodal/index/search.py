@@ -1,5 +1,6 @@
 """Search: the `SearchMixin` part of `SearchIndex` — ANN candidates, exact re-ranking, hubness-corrected
-scores, and text/image/caption queries (the model loads lazily, only for text or image queries)."""
+scores, text/image/caption queries (the model loads lazily, only for text or image queries), and their
+optional ITM re-ranking (`xmodal.index.rerank`, imported only when asked for)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ import numpy as np
 from xmodal.errors import UserError
 from xmodal.index.ann import is_exact, l2n, set_search_params
 from xmodal.index.meta import row_dict
+
+IMAGE_TO_IMAGE_RERANK = (
+    "--rerank: image → image search cannot be ITM re-ranked (the ITM head scores a caption against an "
+    "image); use a text query, or --captions to re-rank the caption gallery"
+)
+
+
+def _check_depth(rerank: int) -> None:
+    if rerank < 0:
+        raise UserError(f"--rerank {rerank}: must be 0 (off) or more")
 
 
 class SearchMixin:
@@ -143,16 +154,41 @@ class SearchMixin:
             x = resize_center_crop(image.convert("RGB"), enc.image_size)[None]
         return enc.encode_images(x).numpy()
 
-    def search_text(self, text: str, k: int = 10, norm: str | None = None) -> list[dict[str, Any]]:
-        """Text → images."""
+    def search_text(
+        self, text: str, k: int = 10, norm: str | None = None, rerank: int = 0
+    ) -> list[dict[str, Any]]:
+        """Text → images. rerank=N re-scores the top N candidates with the model's ITM (fusion) head and
+        orders them by its match log-odds (`itm`; see `xmodal.index.rerank`)."""
         if not text or not text.strip():
             raise UserError("empty query")
+        _check_depth(rerank)
         self._factors(norm or "none", "text")  # a bad --norm fails before the model loads
-        s, r = self.search_rows(self.embed_text([text]), k, norm, "text")
-        return self.hits(s[0], r[0])
+        if rerank:
+            from xmodal.index.rerank import check_fusion
 
-    def search_image(self, image: Any, k: int = 10, norm: str | None = None) -> list[dict[str, Any]]:
+            check_fusion(self.encoder)  # before any search: a model without the head is one clear line
+        s, r = self.search_rows(self.embed_text([text]), max(k, rerank), norm, "text")
+        hits = self.hits(s[0], r[0])
+        if not rerank:
+            return hits
+        return self.rerank_images(text, hits, rerank, k)[0]
+
+    def rerank_images(
+        self, text: str, hits: list[dict[str, Any]], depth: int, k: int, log: Any = None
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Re-rank text → image `hits` (at least min(depth, k) of them, from `hits`/`search_text`) by ITM:
+        (top k hits, {"depth", "scored", "skipped": [ids]}). Unreadable images are skipped with a warning
+        through `log` (default: a line on stderr)."""
+        from xmodal.index import rerank as rr
+
+        return rr.rerank_images(self, text, hits, depth, k, **({"log": log} if log else {}))
+
+    def search_image(
+        self, image: Any, k: int = 10, norm: str | None = None, rerank: int = 0
+    ) -> list[dict[str, Any]]:
         """Image → images (a PIL image, or a uint8 tensor at the model's size)."""
+        if rerank:
+            raise UserError(IMAGE_TO_IMAGE_RERANK)
         self._factors(norm or "none", "image")
         s, r = self.search_rows(self.embed_image(image), k, norm, "image")
         return self.hits(s[0], r[0])
@@ -161,10 +197,32 @@ class SearchMixin:
     def has_captions(self) -> bool:
         return self.caption_vectors is not None and len(self.caption_vectors) > 0
 
-    def search_captions(self, query: Any, k: int = 10) -> list[dict[str, Any]]:
-        """Image → text over the caption gallery (exact inner product). query: PIL image or D-vector(s)."""
+    def search_captions(self, query: Any, k: int = 10, rerank: int = 0) -> list[dict[str, Any]]:
+        """Image → text over the caption gallery (exact inner product). query: PIL image or D-vector(s).
+        rerank=N (image queries only) re-scores the top N captions with the model's ITM head."""
         if not self.has_captions:
             raise UserError(f"{self.path}: the index has no caption gallery; build it with --caption-gallery")
+        _check_depth(rerank)
+        if rerank:
+            if isinstance(query, np.ndarray):
+                raise UserError("--rerank: ITM re-ranking needs the query image, not its embedding")
+            from xmodal.index.rerank import check_fusion
+
+            check_fusion(self.encoder)
+        hits = self._caption_hits(query, max(k, rerank))
+        if not rerank:
+            return hits
+        return self.rerank_captions(query, hits, rerank, k)[0]
+
+    def rerank_captions(
+        self, image: Any, hits: list[dict[str, Any]], depth: int, k: int
+    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """Re-rank image → caption `hits` by ITM against the query image (PIL or uint8 tensor)."""
+        from xmodal.index import rerank as rr
+
+        return rr.rerank_captions(self, image, hits, depth, k)
+
+    def _caption_hits(self, query: Any, k: int) -> list[dict[str, Any]]:
         q = query if isinstance(query, np.ndarray) else self.embed_image(query)
         q = l2n(q)
         if self._cap_index is None:

@@ -25,10 +25,13 @@ def run(
     encoder: Any = None,
     expose: str | Sequence[str] | None = None,
     log_level: str = "info",
+    rerank: int = 0,
+    max_rerank: int = 64,
 ) -> None:
     """Serve the index at `index_path` until interrupted (blocking). Binds loopback unless `host` says
     otherwise; a non-loopback host without an API key gets a warning on stderr (random weights get one
-    from `load_encoder`)."""
+    from `load_encoder`). rerank / max_rerank: ITM re-ranking depth by default and per request at most
+    (see `create_app`)."""
     import uvicorn
 
     if not is_loopback_address(host) and not api_key:
@@ -45,7 +48,11 @@ def run(
         encoder=encoder,
         expose=expose,
         host=host,
+        rerank=rerank,
+        max_rerank=max_rerank,
     )
+    if rerank:
+        print(f"ITM re-ranking on: the top {rerank} candidates of each text query", file=sys.stderr)
     print(f"serving {index_path} at http://{host}:{port}/  (API docs: /docs)", file=sys.stderr, flush=True)
     uvicorn.run(
         app,

@@ -2,8 +2,8 @@
 
 Endpoints (JSON; errors are always `{"error": "..."}` with a 4xx status, never a traceback):
     GET  /health                       status, item count, available hubness norms, limits (no key needed)
-    GET  /search?q=&k=&norm=           text → images
-    POST /search/image                 multipart `file` (+ form k, norm, target=images|captions)
+    GET  /search?q=&k=&norm=&rerank=   text → images (rerank: ITM re-ranking depth, with a fusion head)
+    POST /search/image                 multipart `file` (+ form k, norm, target=images|captions, rerank)
     GET  /items/{id}                   one item's public metadata (the --expose columns)
     GET  /thumb/{id}                   its JPEG thumbnail (from the index's own thumbnail store)
     GET  /docs                         OpenAPI docs; /openapi.json lists the valid values and every error
@@ -48,6 +48,8 @@ def create_app(
     load_model: bool = True,
     expose: str | Sequence[str] | None = None,
     host: str | None = "127.0.0.1",
+    rerank: int = 0,
+    max_rerank: int = 64,
 ) -> FastAPI:
     """Build the app for the index at `index_path` (or an already opened `index`).
 
@@ -55,19 +57,35 @@ def create_app(
     max_upload_mb / max_pixels: limits for image uploads. encoder: use this model instead of the one the
     index records (the demo passes its in-memory model). load_model=False defers loading to the first
     query. expose: the metadata columns clients see (default id, caption, label). host: the address the
-    server binds; a loopback one without api_key turns the Host-header check on (None: no check)."""
+    server binds; a loopback one without api_key turns the Host-header check on (None: no check).
+    rerank: ITM re-ranking depth of text queries (and image → caption queries) by default, 0 = off; it
+    needs a model with a fusion head (so the model is loaded at start even with load_model=False).
+    max_rerank: the most a request's `rerank` field may ask for (latency: one fusion pass per candidate)."""
     from xmodal.index import open_index
 
+    if not 0 <= max_rerank <= 1000:
+        raise UserError(f"--max-rerank {max_rerank}: must be between 0 and 1000")
+    if not 0 <= rerank <= max_rerank:
+        raise UserError(f"--rerank {rerank}: must be between 0 (off) and --max-rerank ({max_rerank})")
     idx = index if index is not None else open_index(index_path, encoder=encoder)
     if encoder is not None:
         idx.encoder = encoder
     model_error: str | None = None
-    if load_model:
+    can_rerank = False
+    if load_model or rerank:
         try:
-            _ = idx.encoder
+            enc = idx.encoder
         except (UserError, OSError, RuntimeError) as e:  # items and thumbnails still work without the model
             model_error = str(e)
             log.warning("model not available: %s", e)
+        else:
+            from xmodal.models.fusion import has_fusion
+
+            can_rerank = has_fusion(enc.model)
+            if rerank and not can_rerank:
+                from xmodal.index.rerank import check_fusion
+
+                check_fusion(enc)  # the one-line UserError naming --rerank
     state = ServeState(
         idx=idx,
         api_key=api_key,
@@ -82,6 +100,9 @@ def create_app(
         ),
         host_check=api_key is None and is_loopback_address(host),
         model_error=model_error,
+        rerank=rerank,
+        max_rerank=max_rerank,
+        can_rerank=can_rerank,
     )
 
     app = FastAPI(title="xmodal search", version="1", description="Cross-modal search over an xmodal index.")

@@ -29,6 +29,15 @@ def serve_cmd(
         help="Comma-separated metadata columns that /items and search hits show (id always; "
         "columns the index lacks are skipped only in the default).",
     ),
+    rerank: int = typer.Option(
+        0,
+        "--rerank",
+        help="Re-score the top N candidates of each text query (and image → caption query) with the "
+        "model's ITM (fusion) head; requests may override it with `rerank` (0: off).",
+    ),
+    max_rerank: int = typer.Option(
+        64, "--max-rerank", help="The largest `rerank` a request may ask for (N fusion passes each)."
+    ),
 ) -> None:
     """Serve an index: JSON API (/search, /search/image, /items, /thumb, /health, /docs) and a web
     page at /. On loopback without --api-key it answers only to loopback Host names (else 400), so that a
@@ -40,6 +49,10 @@ def serve_cmd(
         raise UserError(f"--port {port}: must be 1-65535")
     if max_upload_mb <= 0 or max_pixels <= 0:
         raise UserError("--max-upload-mb and --max-pixels must be positive")
+    if not 0 <= max_rerank <= 1000:
+        raise UserError(f"--max-rerank {max_rerank}: must be between 0 and 1000")
+    if not 0 <= rerank <= max_rerank:
+        raise UserError(f"--rerank {rerank}: must be between 0 (off) and --max-rerank ({max_rerank})")
     key = api_key or os.environ.get("XMODAL_API_KEY") or None
     open_index(index)  # a clear error for a bad path before uvicorn starts
     encoder = None
@@ -56,6 +69,8 @@ def serve_cmd(
         max_pixels=int(max_pixels),
         encoder=encoder,
         expose=None if expose == DEFAULT_EXPOSE else expose,
+        rerank=rerank,
+        max_rerank=max_rerank,
     )
 
 

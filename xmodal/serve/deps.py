@@ -54,6 +54,9 @@ class ServeState:
     random_init: bool
     host_check: bool
     model_error: str | None = None
+    rerank: int = 0  # ITM re-ranking depth of every text query (and image → caption query) by default
+    max_rerank: int = 64  # the most a request's `rerank` may ask for: k fusion passes, bounded latency
+    can_rerank: bool = False  # the model has a fusion (ITM) head
     lock: threading.Lock = field(default_factory=threading.Lock)  # one model/search at a time
     text_cache: LRUCache = field(default_factory=lambda: LRUCache(maxsize=1024))  # popular queries repeat
     cache_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -104,8 +107,9 @@ def resolve_expose(idx: Any, expose: str | Sequence[str] | None) -> tuple[str, .
 
 
 def public(hit: dict[str, Any], expose: Sequence[str]) -> dict[str, Any]:
-    """A hit or item as clients see it: rank and score, the exposed columns, and links to item and thumb."""
-    out = {k: v for k, v in hit.items() if k in expose or k in ("rank", "score")}
+    """A hit or item as clients see it: rank and score (plus itm and retrieval_rank when re-ranked), the
+    exposed columns, and links to item and thumb."""
+    out = {k: v for k, v in hit.items() if k in expose or k in ("rank", "score", "itm", "retrieval_rank")}
     out["thumb"] = f"/thumb/{quote(str(hit['id']), safe='')}"
     out["item"] = f"/items/{quote(str(hit['id']), safe='')}"
     return out
@@ -131,6 +135,15 @@ def key_dependency(api_key: str | None) -> list[Any]:
 def need_model(state: ServeState) -> None:
     if state.model_error is not None:
         raise HTTPException(503, f"the index's model is not available on this server: {state.model_error}")
+
+
+def rerank_depth(state: ServeState, requested: int) -> int:
+    """The ITM re-ranking depth of one request (the `rerank` field, whose default is the server's
+    --rerank; 0 = off). A request for re-ranking the model cannot do is a 400."""
+    if requested and not state.can_rerank:
+        why = state.model_error or "its model has no fusion (ITM) head (train with --objective clip+itm)"
+        raise HTTPException(400, f"rerank={requested}: this server cannot ITM re-rank: {why}")
+    return requested
 
 
 def check_norm(state: ServeState, norm: str, modality: str) -> str:

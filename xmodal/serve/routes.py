@@ -3,6 +3,7 @@ this index's, so /openapi.json says exactly what this server accepts."""
 
 # No `from __future__ import annotations`: FastAPI must see the per-app Literal types as objects.
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -13,10 +14,20 @@ from fastapi.responses import FileResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from xmodal.serve.deps import NOT_BLANK, ServeState, check_norm, enum_of, key_dependency, need_model, public
+from xmodal.serve.deps import (
+    NOT_BLANK,
+    ServeState,
+    check_norm,
+    enum_of,
+    key_dependency,
+    need_model,
+    public,
+    rerank_depth,
+)
 from xmodal.serve.uploads import ACCEPTED_NAMES, MEDIA_TYPES, decode_upload
 
 STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("xmodal.serve")
 
 
 def build_router(state: ServeState) -> APIRouter:
@@ -32,6 +43,11 @@ def build_router(state: ServeState) -> APIRouter:
     Target = enum_of(targets)  # noqa: N806
     # An id that exists, as the docs' example (and a start for schema-driven tests); only when ids are public.
     id_examples = [idx.ids[0]] if len(idx) and state.api_key is None else None
+    # ITM re-ranking: in the schema only where the model can do it (a request for it elsewhere is a 400).
+    rerank_doc = (
+        f"Re-score the top N candidates with the model's ITM head and order them by it (0: off; "
+        f"default: the server's --rerank, {state.rerank}). Costs N fusion passes."
+    )
 
     @router.get("/health", summary="Liveness and what this index offers", responses=state.errors(auth=False))
     def health() -> dict[str, Any]:
@@ -44,6 +60,7 @@ def build_router(state: ServeState) -> APIRouter:
             "random_init": state.random_init,
             "norms": {"text": text_norms, "image": image_norms},
             "captions": state.caption_search,
+            "rerank": {"available": state.can_rerank, "default": state.rerank, "max": state.max_rerank},
             "fields": list(state.expose),
             "auth": state.api_key is not None,
             "limits": {
@@ -65,21 +82,33 @@ def build_router(state: ServeState) -> APIRouter:
         ),
         k: int = Query(10, ge=1, le=state.max_k, description="How many results"),
         norm: TextNorm = Query("none", description="Hubness correction (those this index has banks for)"),
+        rerank: int = Query(
+            state.rerank,
+            ge=0,
+            le=state.max_rerank,
+            description=rerank_doc,
+            include_in_schema=state.can_rerank,
+        ),
     ) -> dict[str, Any]:
         q = q.strip()
         if not q:  # the schema's pattern already refuses it; kept for callers that bypass validation
             raise HTTPException(400, "q: empty query")
         norm = check_norm(state, norm, "text")
         need_model(state)
+        depth = rerank_depth(state, rerank)
         t0 = time.perf_counter()
+        info = None
         with state.lock:
-            scores, rows = idx.search_rows(state.text_vector(q), k=k, norm=norm, modality="text")
-        hits = [public(h, state.expose) for h in idx.hits(scores[0], rows[0])]
+            scores, rows = idx.search_rows(state.text_vector(q), k=max(k, depth), norm=norm, modality="text")
+            hits = idx.hits(scores[0], rows[0])
+            if depth:
+                hits, info = idx.rerank_images(q, hits, depth, k, log=log.warning)
         return {
             "query": q,
             "k": k,
             "norm": norm,
-            "results": hits,
+            "rerank": info,
+            "results": [public(h, state.expose) for h in hits[:k]],
             "took_ms": round(1000 * (time.perf_counter() - t0), 2),
         }
 
@@ -97,11 +126,20 @@ def build_router(state: ServeState) -> APIRouter:
         k: int = Form(10, ge=1, le=state.max_k, description="How many results"),
         norm: ImageNorm = Form("none", description="Hubness correction (ignored for target=captions)"),
         target: Target = Form("images", description="Search the images, or the caption gallery"),
+        rerank: int = Form(
+            state.rerank,
+            ge=0,
+            le=state.max_rerank,
+            description=rerank_doc + " For target=captions only: image → image results cannot be ITM "
+            're-ranked, so there it is ignored (the answer says "rerank": null).',
+            include_in_schema=state.can_rerank,
+        ),
     ) -> dict[str, Any]:
         if target == "captions" and not state.caption_search:
             raise HTTPException(400, "target=captions: this server has no public caption gallery")
         norm = check_norm(state, norm, "image") if target == "images" else "none"
         need_model(state)
+        depth = rerank_depth(state, rerank) if target == "captions" else 0  # image → image: no ITM
         data = await file.read(state.max_upload + 1)
         await file.close()
         if len(data) > state.max_upload:
@@ -111,20 +149,22 @@ def build_router(state: ServeState) -> APIRouter:
         t0 = time.perf_counter()
         img = await run_in_threadpool(decode_upload, data, state.max_pixels)
 
-        def run_search() -> list[dict[str, Any]]:
+        def run_search() -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
             with state.lock:
                 if target == "captions":
-                    return idx.search_captions(img, k=k)
+                    hits = idx.search_captions(img, k=max(k, depth))
+                    return idx.rerank_captions(img, hits, depth, k) if depth else (hits, None)
                 scores, rows = idx.search_rows(idx.embed_image(img), k=k, norm=norm, modality="image")
-                return idx.hits(scores[0], rows[0])
+                return idx.hits(scores[0], rows[0]), None
 
-        hits = [public(h, state.expose) for h in await run_in_threadpool(run_search)]
+        hits, info = await run_in_threadpool(run_search)
         return {
             "query": {"image": file.filename or "upload", "size": list(img.size)},
             "k": k,
             "norm": norm,
             "target": target,
-            "results": hits,
+            "rerank": info,
+            "results": [public(h, state.expose) for h in hits[:k]],
             "took_ms": round(1000 * (time.perf_counter() - t0), 2),
         }
 

@@ -29,6 +29,20 @@ function chosenNorm(modality) {
   return state.health.norms[modality].includes(norm) ? norm : "none";
 }
 
+// ITM re-ranking depth to ask for: the server's default, or (when it has none) up to 16; 0 = off.
+function rerankDepth() {
+  const r = state.health && state.health.rerank;
+  if (!r || !r.available) return null;
+  if (!$("rerank").checked) return 0;
+  return r.default > 0 ? r.default : Math.min(16, r.max);
+}
+
+function updateRerankBadge() {
+  const depth = rerankDepth();
+  $("rerank-badge").hidden = !depth;
+  $("rerank-badge").textContent = depth ? `ITM re-ranking · top ${depth}` : "ITM re-ranking";
+}
+
 function clearResults() {
   for (const url of state.objectUrls) URL.revokeObjectURL(url);
   state.objectUrls = [];
@@ -73,13 +87,24 @@ function render(data, label) {
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = Number(hit.score).toFixed(3);
-    meta.append(id, score);
+    meta.append(id);
+    if (data.rerank) {
+      const itm = document.createElement("span");
+      itm.className = "itm";
+      itm.textContent = hit.itm === null || hit.itm === undefined ? "ITM —" : `ITM ${Number(hit.itm).toFixed(2)}`;
+      itm.title = "image–text matching log-odds (the re-ranking score)";
+      score.title = `retrieval score; retrieval rank ${hit.retrieval_rank}`;
+      meta.append(itm);
+    }
+    meta.append(score);
     body.append(cap, meta);
     card.append(img, body);
     grid.append(card);
   }
   const norm = data.norm && data.norm !== "none" ? ` · ${data.norm}` : "";
-  setStatus(`${data.results.length} ${label}${norm} · ${data.took_ms} ms`);
+  const rr = data.rerank ? ` · re-ranked by ITM (top ${data.rerank.depth})` : "";
+  setStatus(`${data.results.length} ${label}${norm}${rr} · ${data.took_ms} ms`);
+  grid.dataset.reranked = data.rerank ? "1" : "0";
   grid.dataset.kind = data.target === "captions" ? "captions" : (typeof data.query === "string" ? "text" : "image");
 }
 
@@ -88,6 +113,8 @@ async function searchText(event) {
   const q = $("q").value.trim();
   if (!q) { setStatus("Type something to search for.", true); return; }
   const params = new URLSearchParams({ q, k: $("k").value, norm: chosenNorm("text") });
+  const depth = rerankDepth();
+  if (depth !== null) params.set("rerank", String(depth));
   $("search-btn").disabled = true;
   setStatus("searching…");
   try {
@@ -116,6 +143,8 @@ async function searchImage(file) {
   form.append("k", $("k").value);
   form.append("norm", captions ? "none" : chosenNorm("image"));
   form.append("target", captions ? "captions" : "images");
+  const depth = rerankDepth();
+  if (captions && depth !== null) form.append("rerank", String(depth));  // image → image: no ITM
   setStatus("searching by image…");
   try {
     render(await api("/search/image", { method: "POST", body: form }), captions ? "captions" : "similar images");
@@ -162,6 +191,12 @@ async function init() {
     if (norms.length) {
       $("hub-controls").hidden = false;
       $("norm").replaceChildren(...norms.map((n) => new Option(n, n)));
+    }
+    if (h.rerank && h.rerank.available) {
+      $("rerank-controls").hidden = false;
+      $("rerank").checked = h.rerank.default > 0;
+      $("rerank").addEventListener("change", updateRerankBadge);
+      updateRerankBadge();
     }
     if (!h.model_ready) setStatus("The model is not available on this server: only browsing works.", true);
     document.body.dataset.ready = "1";
