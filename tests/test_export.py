@@ -1,4 +1,4 @@
-"""Export → open_clip loads it and gives the same embeddings as xmodal."""
+"""Export → open_clip loads it and gives the same embeddings as xmodal; the fusion heads travel beside it."""
 
 import open_clip
 import torch
@@ -27,10 +27,11 @@ def test_open_clip_loads_the_export_and_embeds_identically(tiny_manifest, tmp_pa
         "fp32",
         "--no-progress",
         "--objective",
-        "siglip",
+        "siglip+itm",  # a fusion encoder too: open_clip gets the towers only
     )
     run_cli("export", str(run), "--format", "open_clip", str(out))
     assert (out / "model.json").is_file() and (out / "open_clip_model.pt").is_file()
+    assert (out / "fusion.safetensors").is_file() and "fusion" not in (out / "model.json").read_text()
 
     open_clip.add_model_config(out / "model.json")
     oc_model, _, preprocess = open_clip.create_model_and_transforms(
@@ -63,6 +64,15 @@ def test_open_clip_loads_the_export_and_embeds_identically(tiny_manifest, tmp_pa
     m2 = open_clip.create_model(f"local-dir:{out}")
     with torch.no_grad():
         assert torch.allclose(m2.encode_text(tokenizer(texts), normalize=True), ref_txt, atol=1e-6)
+    # the export loads back with its fusion encoder, which scores every pair as the run does
+    from xmodal.models.fusion import PairScorer
+
+    images = torch.stack([resize_center_crop(load_image(str(p)), enc.image_size) for p in paths[:3]])
+    scores = []
+    for e in (enc, load_encoder(out)):
+        s = PairScorer(e)
+        scores.append(s.score(*s.text_states(texts), s.image_states(images)))
+    assert torch.equal(scores[0], scores[1]) and scores[0].std() > 0
 
 
 def test_trimmed_text_encoding_equals_open_clip_full_length():

@@ -239,3 +239,34 @@ def test_mlm_gets_gradients_when_itm_synthesises_first(model):
     total.backward()
     assert model.fusion.mlm_bias.grad is not None and model.fusion.mlm_bias.grad.abs().sum() > 0
     assert model.fusion.itm_head.weight.grad.abs().sum() > 0
+
+
+def test_hugging_face_text_tower_feeds_the_fusion_encoder():
+    """MiniLM as the text tower: pooled features equal the tower's own, the mask embedding goes in
+    through `inputs_embeds`, and masking never selects [CLS], [SEP] or padding."""
+    from xmodal.models import minilm_path
+    from xmodal.models.build import build_tokenizer
+    from xmodal.models.text import encode_text
+
+    spec = ModelSpec("xm-micro", hf_text=str(minilm_path()))
+    cfg = resolve_model_config(spec)
+    cfg["fusion"] = {"width": 32, "depth": 1, "heads": 2}
+    torch.manual_seed(0)
+    hf = build_model(spec, cfg).eval()
+    ids = build_tokenizer(cfg)(CAPTIONS)
+    pixels = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        h = encode_hidden(hf, pixels, ids)
+        assert torch.allclose(h.text, encode_text(hf, ids), atol=1e-5)
+        fb = FusionBatch(hf, h, seed=0, step=0, global_batch=6, offset=0)
+        m = fb.masking(0.5)
+        assert m.selected.any() and not (m.selected & ~h.text_attn).any()
+        assert not m.selected[:, 0].any() and not m.selected[torch.arange(6), h.text_attn.sum(1) - 1].any()
+        masked, _ = fb.encode_text(m.ids, m.to_mask)
+        plain, _ = fb.encode_text(m.ids)
+        assert not torch.allclose(masked, plain)  # the mask embedding changed the tower's input
+        f = Features.gather(
+            F.normalize(h.image, dim=-1), F.normalize(h.text, dim=-1), hf.logit_scale.exp(), fusion=fb
+        )
+        terms = Composite.from_config("itm+mlm(prob=0.5)").objectives_terms(f)
+    assert all(torch.isfinite(v) for v in terms.values())

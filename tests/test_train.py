@@ -291,6 +291,8 @@ def test_locked_text_tower_stays_frozen_with_a_hf_tower(tiny_manifest, tmp_path)
         (["--objective", "infonce"], "--objective"),
         (["--model", "no-such-model"], "--model"),
         (["--batch-size", "7", "--accum-steps", "2"], "--accum-steps"),
+        (["--objective", "clip+itm", "--batch-size", "8", "--accum-steps", "2"], "cached features"),
+        (["--objective", "mod+momentum"], "drop momentum"),
         (["--bogus-flag", "1"], "bogus"),
     ],
 )

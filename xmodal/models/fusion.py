@@ -23,6 +23,8 @@ the ids — and CLIP's end-of-text pooling and padding trim, which read them —
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -364,13 +366,11 @@ class PairScorer:
     def image_states(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 N×3×S×S → float32 N×P×Wv patch states, on the CPU."""
         enc, out = self.encoder, []
-        was = self.model.training
-        self.model.eval()
-        for i in range(0, len(images), self.batch_size):
-            x = images[i : i + self.batch_size].to(enc.device).float().div_(255)
-            with enc._autocast():
-                out.append(image_hidden(self.model, enc.normalize_pixels(x))[1].float().cpu())
-        self.model.train(was)
+        with self._eval():
+            for i in range(0, len(images), self.batch_size):
+                x = images[i : i + self.batch_size].to(enc.device).float().div_(255)
+                with enc._autocast():
+                    out.append(image_hidden(self.model, enc.normalize_pixels(x))[1].float().cpu())
         width = int(self.model.visual.conv1.out_channels)
         return torch.cat(out) if out else torch.empty(0, 0, width)
 
@@ -378,15 +378,13 @@ class PairScorer:
     def text_states(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """captions → (float32 N×C×Wt states, N×C attention), padded to the context length C."""
         enc, states, attns = self.encoder, [], []
-        was = self.model.training
-        self.model.eval()
-        for i in range(0, len(texts), self.batch_size):
-            ids = enc.tokenize(texts[i : i + self.batch_size]).to(enc.device)
-            with enc._autocast():
-                _, h, _, attn = text_hidden(self.model, ids)
-            states.append(pad_to(h.float(), self.context).cpu())
-            attns.append(pad_to(attn, self.context, False).cpu())
-        self.model.train(was)
+        with self._eval():
+            for i in range(0, len(texts), self.batch_size):
+                ids = enc.tokenize(texts[i : i + self.batch_size]).to(enc.device)
+                with enc._autocast():
+                    _, h, _, attn = text_hidden(self.model, ids)
+                states.append(pad_to(h.float(), self.context).cpu())
+                attns.append(pad_to(attn, self.context, False).cpu())
         if not states:
             return torch.empty(0, self.context, text_widths(self.model)[0]), torch.empty(
                 0, self.context, dtype=torch.bool
@@ -401,19 +399,29 @@ class PairScorer:
         if len(text_states) == 0:
             return torch.empty(0)
         n = int(text_attn.sum(1).max())  # positions past every caption's end change nothing
-        dev, was = self.encoder.device, self.model.training
-        self.model.eval()
-        out = []
-        for i in range(0, len(text_states), self.batch_size):
-            sl = slice(i, i + self.batch_size)
-            with self.encoder._autocast():
-                out.append(
-                    itm_scores(
-                        self.model,
-                        text_states[sl, :n].to(dev),
-                        text_attn[sl, :n].to(dev),
-                        image_states[sl].to(dev),
-                    ).cpu()
-                )
-        self.model.train(was)
+        dev, out = self.encoder.device, []
+        with self._eval():
+            for i in range(0, len(text_states), self.batch_size):
+                sl = slice(i, i + self.batch_size)
+                with self.encoder._autocast():
+                    out.append(
+                        itm_scores(
+                            self.model,
+                            text_states[sl, :n].to(dev),
+                            text_attn[sl, :n].to(dev),
+                            image_states[sl].to(dev),
+                        ).cpu()
+                    )
         return torch.cat(out)
+
+    @contextlib.contextmanager
+    def _eval(self) -> Iterator[None]:
+        """Eval mode for the call; switched (a walk over every module) only when the model trains."""
+        was = self.model.training
+        if was:
+            self.model.eval()
+        try:
+            yield
+        finally:
+            if was:
+                self.model.train()
