@@ -92,8 +92,15 @@ PREFERRED = (
     "noisy",
     "--recipe improved",
     "--recipe improved --aug-flip 0",  # a flip turns "left of" captions false (shapes, digits)
+    # the fusion encoder (ALBEF): ITM on hard negatives, MLM, momentum distillation; evaluated with and
+    # without ITM re-ranking of the ITC top --rerank-k, and the probe by the ITM head too
+    "clip+itm",
+    "clip+itm+mlm",
+    "mod+itm+mlm",
+    "clip+itm(synth=true)+mlm",
 )
-REGULARISERS = frozenset({"alignment", "uniformity"})
+# only beside a main objective: geometry regularisers, and the fusion heads (they train no embedding space)
+REGULARISERS = frozenset({"alignment", "uniformity", "itm", "mlm"})
 QUICK_CANDIDATES = 2
 # train flags the benchmark sets itself: a candidate may not change the budget, the schedule or the seed
 RESERVED_FLAGS = frozenset(
@@ -130,6 +137,14 @@ METRICS: tuple[tuple[str, tuple[str, ...], bool | None], ...] = (
     ("probe relation", ("probe", "by_type", "relation", "accuracy"), True),
     ("probe object", ("probe", "by_type", "object", "accuracy"), True),
     ("modality gap", ("gap", "gap"), None),
+    # runs with a fusion encoder: the ITC top-k re-ranked by ITM, and the probe scored by the ITM head
+    ("t2i R@1 itm", ("retrieval", "rerank", "t2i", "R@1"), True),
+    ("t2i R@10 itm", ("retrieval", "rerank", "t2i", "R@10"), True),
+    ("i2t R@1 itm", ("retrieval", "rerank", "i2t", "R@1"), True),
+    ("probe attribute itm", ("probe_itm", "by_type", "attribute", "accuracy"), True),
+    ("probe relation itm", ("probe_itm", "by_type", "relation", "accuracy"), True),
+    ("probe object itm", ("probe_itm", "by_type", "object", "accuracy"), True),
+    ("rerank ms/query", ("retrieval", "rerank", "ms_per_query"), None),
 )
 
 
@@ -165,6 +180,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=("train", "fp32"),
         default="train",
         help="evaluate under the training's autocast (as xmodal's own validation does) or in fp32",
+    )
+    p.add_argument(
+        "--rerank-k", type=int, default=16, help="runs with a fusion encoder: ITM re-ranks the ITC top k"
     )
     p.add_argument("--shapes-images", type=int, default=5000, help="training images of the shapes data set")
     p.add_argument("--noise-fraction", type=float, default=0.3, help="shapes-noisy: share of items shuffled")
@@ -613,19 +631,54 @@ def eval_dtype(precision: str):
     return None if precision == "fp32" else resolve_precision(precision, torch.device("cpu"))
 
 
-def evaluate_run(run: Path, ds: DataSet, tests: TestSets, dtype=None) -> dict:
+def evaluate_run(run: Path, ds: DataSet, tests: TestSets, dtype=None, rerank_k: int = 16) -> dict:
     """Retrieval, zero-shot (labelled data), modality gap and (with negatives in `test`) the probe, in one
-    pass over the test split, by the run's final weights."""
+    pass over the test split, by the run's final weights. With a fusion encoder also the retrieval with
+    the ITC top `rerank_k` re-ranked by ITM (`retrieval.rerank`) and the probe by ITM (`probe_itm`)."""
     from xmodal.eval import evaluate
     from xmodal.models import load_encoder
+    from xmodal.models.fusion import has_fusion
 
     enc = load_encoder(str(run), device="cpu")
     enc.autocast_dtype = dtype
     test = tests.get(ds.test, enc.image_size)
     tasks = ["retrieval", "gap"]
     tasks += ["zeroshot"] if any(x is not None for x in test.labels) else []
-    tasks += ["probe"] if any((e or {}).get("negatives") for e in test.extras) else []
-    return evaluate(enc, test, tasks=tasks, positives=ds.positives, skip_unavailable=True)
+    probe = any((e or {}).get("negatives") for e in test.extras)
+    tasks += ["probe"] if probe else []
+    fusion = has_fusion(enc.model) and rerank_k > 0
+    extra = {"rerank": "itm", "rerank_k": rerank_k} if fusion else {}
+    out = evaluate(enc, test, tasks=tasks, positives=ds.positives, skip_unavailable=True, **extra)
+    if fusion and probe:
+        out["probe_itm"] = evaluate(enc, test, tasks=["probe"], score="itm")["probe"]
+    return out
+
+
+def search_latency(run: Path, ds: DataSet, work: Path, depth: int, queries: int = 20) -> dict | None:
+    """Median ms of one text query against an index of the test images, plain and with `--rerank depth`
+    (the index's model loaded once; candidate images decoded from disk per query, as `xmodal search`)."""
+    from xmodal.index import build_index, open_index
+    from xmodal.models import load_encoder
+
+    enc = load_encoder(str(run), device="cpu")
+    out = work / f"latency-{ds.name}"
+    shutil.rmtree(out, ignore_errors=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        build_index(enc, ds.test, out, model_source=str(run), progress=False, log=lambda _m: None)
+    idx = open_index(out)
+    texts = [str(t) for t in idx.meta.column("caption").to_pylist() if t][:queries]
+    res = {}
+    for label, r in (("plain", 0), ("rerank", depth)):
+        idx.search_text(texts[0], k=10, rerank=r)  # the model's first call (and the page cache) untimed
+        times = []
+        for t in texts:
+            t0 = time.perf_counter()
+            idx.search_text(t, k=10, rerank=r)
+            times.append((time.perf_counter() - t0) * 1000)
+        res[f"{label}_ms"] = statistics.median(times)
+    n_items = len(idx)
+    shutil.rmtree(out, ignore_errors=True)
+    return {**res, "depth": depth, "n_items": n_items, "queries": len(texts)}
 
 
 # -- aggregation and the table ---------------------------------------------------------------------------
@@ -761,8 +814,10 @@ def ablate_dataset(
             try:
                 rec.update(train_run(a, ds, c, seed, steps, out))
                 t = time.perf_counter()
-                rec["eval"] = evaluate_run(out, ds, tests, eval_dtype(a.eval_precision_resolved))
+                rec["eval"] = evaluate_run(out, ds, tests, eval_dtype(a.eval_precision_resolved), a.rerank_k)
                 rec["eval_s"] = time.perf_counter() - t
+                if seed == 0 and "rerank" in rec["eval"].get("retrieval", {}):
+                    res.setdefault("latency", {})[c.label] = search_latency(out, ds, bench, a.rerank_k)
             except RunFailed as e:
                 rec["error"] = str(e)
                 notes.append(f"{ds.name}: `{c.label}` seed {seed} failed ({e})")
@@ -798,10 +853,23 @@ def dataset_block(a: argparse.Namespace, ds: DataSet, res: dict, tests: TestSets
     calib = ", ".join(
         f"`{k}` {v['step_s'] * 1000:.0f} ms → {v['steps']}" for k, v in res["calibration"].items()
     )
+    latency = ""
+    if res.get("latency"):
+        first = next(iter(res["latency"].values()))
+        latency = (
+            f"\n\nSearch latency, one text query at a time against a flat index of the {first['n_items']} "
+            f"test images (median of {first['queries']} queries, k = 10, the model loaded once): "
+            + "; ".join(
+                f"`{k}` {v['plain_ms']:.1f} ms plain, {v['rerank_ms']:.1f} ms with `--rerank {v['depth']}`"
+                for k, v in res["latency"].items()
+            )
+            + "."
+        )
     return (
         head
         + f"\n\nCalibrated step time → steps for the {a.budget_s:g} s budget: {calib}.\n\n"
         + dataset_table(ds.name, res["aggregate"])
+        + latency
     )
 
 
