@@ -62,7 +62,18 @@ def _make_runs(root):
     probe = manifest.with_name("probe.jsonl")
     probe.write_text("".join(json.dumps(r) + "\n" for r in rows))
     fused, plain = root / "fused", root / "plain"
-    cli("train", "--data", manifest, "--out", fused, *MICRO_TRAIN, "--steps", "6", "--objective", "clip+itm")
+    cli(
+        "train",
+        "--data",
+        manifest,
+        "--out",
+        fused,
+        *MICRO_TRAIN,
+        "--steps",
+        "6",
+        "--objective",
+        "clip+itm+mlm",
+    )
     cli("train", "--data", manifest, "--out", plain, *MICRO_TRAIN, "--steps", "1", "--objective", "clip")
     return manifest, probe, fused, plain
 

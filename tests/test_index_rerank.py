@@ -51,7 +51,18 @@ def built(tmp_path_factory):
     root = tmp_path_factory.mktemp("search-rerank")
     manifest = write_tiny_manifest(root / "data", n=24)
     fused, plain = root / "fused", root / "plain"
-    cli("train", "--data", manifest, "--out", fused, *MICRO_TRAIN, "--steps", "6", "--objective", "clip+itm")
+    cli(
+        "train",
+        "--data",
+        manifest,
+        "--out",
+        fused,
+        *MICRO_TRAIN,
+        "--steps",
+        "6",
+        "--objective",
+        "clip+itm+mlm",
+    )
     cli("train", "--data", manifest, "--out", plain, *MICRO_TRAIN, "--steps", "1", "--objective", "clip")
     enc = load_encoder(fused, device="cpu")
     quiet = {"progress": False, "log": lambda m: None}
