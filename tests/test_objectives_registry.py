@@ -205,3 +205,12 @@ def test_multipos_and_sdm_match_brute_force_and_shard_exactly():
     mp = comp.objectives_terms(Features(x, y, x, y, 0, t, labels=none, all_labels=none))["multipos"]
     clip = Composite.from_config("clip").objectives_terms(Features(x, y, x, y, 0, t))["clip"]
     assert abs(mp.item() - clip.item()) < 1e-12
+
+
+def test_registering_the_objectives_does_not_import_the_model_layer():
+    """Every `xmodal` command registers the objectives at start; open_clip must load only when used."""
+    import subprocess
+    import sys
+
+    code = "import sys, xmodal.cli, xmodal.objectives; assert 'open_clip' not in sys.modules, 'open_clip'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -165,7 +165,12 @@ def rerank_captions(
     itm: list[float | None] = [None] * depth
     if depth:
         ims = sc.image_states(query_pixels(idx, image))
-        ts, ta = sc.text_states([str(h.get("caption") or "") for h in cands])
-        for i, s in enumerate(sc.score(ts, ta, ims.expand(depth, -1, -1)).tolist()):
-            itm[i] = float(s)
+        # each distinct caption is scored once, so repeated captions tie exactly (retrieval order breaks it)
+        texts = [str(h.get("caption") or "") for h in cands]
+        distinct = list(dict.fromkeys(texts))
+        ts, ta = sc.text_states(distinct)
+        by_text = dict(
+            zip(distinct, sc.score(ts, ta, ims.expand(len(distinct), -1, -1)).tolist(), strict=True)
+        )
+        itm = [float(by_text[t]) for t in texts]
     return _reorder(hits, itm, depth, k), {"depth": depth, "scored": depth, "skipped": []}

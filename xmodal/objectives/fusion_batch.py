@@ -16,12 +16,23 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from xmodal.models.fusion import Hidden, fusion_of, pad_to, special_ids, text_hidden, token_embedding
 from xmodal.objectives.registry import gather, gather_with_grad
+
+if TYPE_CHECKING:
+    from xmodal.models.fusion import Hidden
+
+
+def fusion_module() -> ModuleType:
+    """`xmodal.models.fusion`, imported on first use: the objectives are registered at every `xmodal`
+    start, and importing the models layer (open_clip) there would cost every command seconds."""
+    from xmodal.models import fusion
+
+    return fusion
 
 
 @dataclass
@@ -81,9 +92,9 @@ class FusionBatch:
         def make():
             n, h = self.global_length(), self.hidden
             return (
-                gather_with_grad(pad_to(h.text_hidden, n)),
-                gather(pad_to(h.text_attn, n, False)),
-                gather(pad_to(h.text_ids, n)),
+                gather_with_grad(fusion_module().pad_to(h.text_hidden, n)),
+                gather(fusion_module().pad_to(h.text_attn, n, False)),
+                gather(fusion_module().pad_to(h.text_ids, n)),
             )
 
         return self._cached("all_text", make)
@@ -102,18 +113,18 @@ class FusionBatch:
     ) -> torch.Tensor:
         model = model if model is not None else self.model
         with self.autocast():
-            return fusion_of(model)(text_h, attn, image_h).float()
+            return fusion_module().fusion_of(model)(text_h, attn, image_h).float()
 
     def mlm_logits(self, rows: torch.Tensor, model=None) -> torch.Tensor:
-        model = model if model is not None else self.model
+        model, fm = model if model is not None else self.model, fusion_module()
         with self.autocast():
-            return fusion_of(model).mlm_logits(rows, token_embedding(model)).float()
+            return fm.fusion_of(model).mlm_logits(rows, fm.token_embedding(model)).float()
 
     def encode_text(self, ids: torch.Tensor, to_mask: torch.Tensor | None = None, model=None):
         """(hidden, attention) of captions `ids` through the text tower, `to_mask` positions masked."""
-        model = model if model is not None else self.model
+        model, fm = model if model is not None else self.model, fusion_module()
         with self.autocast():
-            _, h, _, attn = text_hidden(model, ids, to_mask, fusion_of(model).mask_embedding)
+            _, h, _, attn = fm.text_hidden(model, ids, to_mask, fm.fusion_of(model).mask_embedding)
         return h.float(), attn
 
     # -- MLM -------------------------------------------------------------------------------------
@@ -127,8 +138,8 @@ class FusionBatch:
             gen = self.generator(21)
             u_sel = self.mine(torch.rand(self.global_batch, ctx, generator=gen))[:, :n].to(ids.device)
             u_kind = self.mine(torch.rand(self.global_batch, ctx, generator=gen))[:, :n].to(ids.device)
-            vocab = int(token_embedding(self.model).shape[0])
-            specials = torch.tensor(special_ids(self.model))
+            vocab = int(fusion_module().token_embedding(self.model).shape[0])
+            specials = torch.tensor(fusion_module().special_ids(self.model))
             pool = torch.ones(vocab, dtype=torch.bool)
             pool[specials[(specials >= 0) & (specials < vocab)]] = False
             pool = pool.nonzero().squeeze(1)

@@ -38,8 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from xmodal.errors import UserError
-from xmodal.models.fusion import pad_to, special_ids
-from xmodal.objectives.fusion_batch import FusionBatch
+from xmodal.objectives.fusion_batch import FusionBatch, fusion_module
 from xmodal.objectives.registry import Features, Objective, gather, register
 
 
@@ -121,7 +120,7 @@ class Itm(Objective):
             logits = fb.masked_logits(self.params.synth_prob).detach().clone()
             truth = m.labels[m.selected]
             logits[torch.arange(len(truth)), truth] = -torch.inf
-            specials = [i for i in special_ids(fb.model) if 0 <= i < logits.shape[1]]
+            specials = [i for i in fusion_module().special_ids(fb.model) if 0 <= i < logits.shape[1]]
             logits[:, specials] = -torch.inf
             ids = m.labels.clone()
             ids[m.selected] = logits.argmax(1)
@@ -135,4 +134,5 @@ class Itm(Objective):
             h = fb.hidden.text_hidden
             return h.new_zeros(0, length, h.shape[2]), h.new_zeros(0, length, dtype=torch.bool), rows
         h, attn = fb.encode_text(ids)
+        pad_to = fusion_module().pad_to
         return pad_to(h, length), pad_to(attn, length, False), rows

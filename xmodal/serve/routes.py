@@ -129,7 +129,8 @@ def build_router(state: ServeState) -> APIRouter:
         rerank: int = Form(
             state.rerank,
             ge=0,
-            le=state.max_rerank,
+            # a form field stays in the multipart schema even when hidden: there it admits only 0
+            le=state.max_rerank if state.can_rerank else 0,
             description=rerank_doc + " For target=captions only: image → image results cannot be ITM "
             're-ranked, so there it is ignored (the answer says "rerank": null).',
             include_in_schema=state.can_rerank,
