@@ -75,6 +75,39 @@ def run_cli(
     return proc
 
 
+class Result:
+    """What a CLI call left: exit code, stdout, stderr (the shape of subprocess.CompletedProcess)."""
+
+    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_in_process(*args, check: bool = True) -> Result:
+    """`xmodal ARGS` in this process through the console script's entry point: no interpreter or torch
+    start-up per call. `run_cli` runs a real subprocess where a test needs one."""
+    import contextlib
+    import io
+
+    from xmodal.cli import main
+
+    out, err, saved = io.StringIO(), io.StringIO(), sys.argv
+    sys.argv = ["xmodal", *map(str, args)]
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main()
+                rc = 0
+            except SystemExit as e:
+                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = saved
+    if check and rc != 0:
+        raise AssertionError(
+            f"xmodal {' '.join(map(str, args))} failed ({rc}):\n{out.getvalue()}\n{err.getvalue()}"
+        )
+    return Result(rc, out.getvalue(), err.getvalue())
+
+
 def assert_one_line_error(p: subprocess.CompletedProcess, needle: str) -> None:
     """A CLI refusal as users should see it: exit 2, one stderr line naming `needle`, no traceback."""
     assert p.returncode == 2, (p.stdout, p.stderr)

@@ -1,43 +1,16 @@
 """`xmodal eval --rerank itm` (ITM re-ranking of the ITC top-k, both directions) and `--task probe --score
 itm` against brute force: pair-by-pair fusion passes, python sorts and hand-counted recalls."""
 
-import contextlib
-import io
 import json
-import sys
 
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli, write_tiny_manifest
+from tests.conftest import run_in_process as cli
 
 K = 12  # between R@10 and the gallery size, so R@1, R@5 and R@10 can all change
-
-
-class Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def cli(*args: str, check: bool = True) -> Result:
-    """`xmodal ARGS` in this process through the console script's entry point (no interpreter start-up)."""
-    from xmodal.cli import main
-
-    out, err, saved = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ["xmodal", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-                rc = 0
-            except SystemExit as e:
-                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = saved
-    if check and rc != 0:
-        raise AssertionError(f"xmodal {' '.join(map(str, args))} failed ({rc}):\n{err.getvalue()}")
-    return Result(rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import run_cli, write_tiny_manifest
+from conftest import run_in_process as cli
 from PIL import Image
 
 from xmodal.errors import UserError
@@ -27,38 +28,6 @@ def _one_thread():
     faiss.omp_set_num_threads(1)
     yield
     faiss.omp_set_num_threads(n)
-
-
-class Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def cli(*args: str, check: bool = True) -> Result:
-    """`xmodal ARGS` in this process — the console script's own entry point, minus interpreter and torch
-    start-up. A few tests still run real subprocesses (run_cli)."""
-    import contextlib
-    import io
-    import sys
-
-    from xmodal.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    saved = sys.argv
-    sys.argv = ["xmodal", *args]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-                rc = 0
-            except SystemExit as e:
-                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = saved
-    res = Result(rc, out.getvalue(), err.getvalue())
-    if check and rc != 0:
-        raise AssertionError(f"xmodal {' '.join(args)} failed ({rc}):\n{res.stdout}\n{res.stderr}")
-    return res
 
 
 @pytest.fixture(scope="module")

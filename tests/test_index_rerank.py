@@ -2,10 +2,7 @@
 model's fusion head) against brute force: one fusion pass per (query, candidate) pair, images decoded
 from the files by hand, a python sort; plus the one-line errors and the web page's badge."""
 
-import contextlib
-import io
 import json
-import sys
 
 import pytest
 import torch
@@ -13,33 +10,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.conftest import MICRO_TRAIN, assert_one_line_error, write_tiny_manifest
+from tests.conftest import run_in_process as cli
 
 K = 12  # candidates re-scored: more than the results shown (5), fewer than the 24 items
-
-
-class Result:
-    def __init__(self, returncode: int, stdout: str, stderr: str) -> None:
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def cli(*args: str, check: bool = True) -> Result:
-    """`xmodal ARGS` in this process through the console script's entry point (no interpreter start-up)."""
-    from xmodal.cli import main
-
-    out, err, saved = io.StringIO(), io.StringIO(), sys.argv
-    sys.argv = ["xmodal", *map(str, args)]
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            try:
-                main()
-                rc = 0
-            except SystemExit as e:
-                rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = saved
-    if check and rc != 0:
-        raise AssertionError(f"xmodal {' '.join(map(str, args))} failed ({rc}):\n{err.getvalue()}")
-    return Result(rc, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="module")
