@@ -108,6 +108,17 @@ def run_in_process(*args, check: bool = True) -> Result:
     return Result(rc, out.getvalue(), err.getvalue())
 
 
+def train_fused_and_plain(manifest: Path, root: Path) -> tuple[Path, Path]:
+    """Two xm-micro runs on `manifest` for the re-ranking tests: one with a fusion encoder
+    (clip+itm+mlm, 6 steps) and one without (clip, 1 step)."""
+    fused, plain = root / "fused", root / "plain"
+    run_in_process("train", "--data", manifest, "--out", fused, *MICRO_TRAIN, "--steps", "6",
+                   "--objective", "clip+itm+mlm")  # fmt: skip
+    run_in_process("train", "--data", manifest, "--out", plain, *MICRO_TRAIN, "--steps", "1",
+                   "--objective", "clip")  # fmt: skip
+    return fused, plain
+
+
 def assert_one_line_error(p: subprocess.CompletedProcess, needle: str) -> None:
     """A CLI refusal as users should see it: exit 2, one stderr line naming `needle`, no traceback."""
     assert p.returncode == 2, (p.stdout, p.stderr)

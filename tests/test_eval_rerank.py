@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli, write_tiny_manifest
+from tests.conftest import (
+    assert_one_line_error,
+    run_cli,
+    train_fused_and_plain,
+    write_tiny_manifest,
+)
 from tests.conftest import run_in_process as cli
 
 K = 12  # between R@10 and the gallery size, so R@1, R@5 and R@10 can all change
@@ -34,20 +39,7 @@ def _make_runs(root):
         ]
     probe = manifest.with_name("probe.jsonl")
     probe.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    fused, plain = root / "fused", root / "plain"
-    cli(
-        "train",
-        "--data",
-        manifest,
-        "--out",
-        fused,
-        *MICRO_TRAIN,
-        "--steps",
-        "6",
-        "--objective",
-        "clip+itm+mlm",
-    )
-    cli("train", "--data", manifest, "--out", plain, *MICRO_TRAIN, "--steps", "1", "--objective", "clip")
+    fused, plain = train_fused_and_plain(manifest, root)
     return manifest, probe, fused, plain
 
 

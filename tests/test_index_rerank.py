@@ -9,7 +9,7 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.conftest import MICRO_TRAIN, assert_one_line_error, write_tiny_manifest
+from tests.conftest import assert_one_line_error, train_fused_and_plain, write_tiny_manifest
 from tests.conftest import run_in_process as cli
 
 K = 12  # candidates re-scored: more than the results shown (5), fewer than the 24 items
@@ -23,20 +23,7 @@ def built(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("search-rerank")
     manifest = write_tiny_manifest(root / "data", n=24)
-    fused, plain = root / "fused", root / "plain"
-    cli(
-        "train",
-        "--data",
-        manifest,
-        "--out",
-        fused,
-        *MICRO_TRAIN,
-        "--steps",
-        "6",
-        "--objective",
-        "clip+itm+mlm",
-    )
-    cli("train", "--data", manifest, "--out", plain, *MICRO_TRAIN, "--steps", "1", "--objective", "clip")
+    fused, plain = train_fused_and_plain(manifest, root)
     enc = load_encoder(fused, device="cpu")
     quiet = {"progress": False, "log": lambda m: None}
     build_index(enc, manifest, root / "fused.idx", model_source=str(fused), caption_gallery=True, **quiet)
