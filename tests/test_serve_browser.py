@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import ARTIFACTS, write_tiny_manifest
+from conftest import ARTIFACTS, MICRO_TRAIN, run_in_process, write_tiny_manifest
 from test_serve_api import KEY, make_index
 
 from tests.conftest import CHROMIUM_ARGS
@@ -143,14 +143,12 @@ def test_api_key_mode(site, page):
 @pytest.fixture(scope="module")
 def rerank_site(tmp_path_factory):
     """A server over an index of a clip+itm run with ITM re-ranking on (top 8)."""
-    from test_index_rerank import MICRO_TRAIN, cli
-
     from xmodal.index import build_index
     from xmodal.models import load_encoder
 
     root = tmp_path_factory.mktemp("browser-rerank")
     manifest = write_tiny_manifest(root / "data", n=20)
-    cli(
+    run_in_process(
         "train",
         "--data",
         manifest,
