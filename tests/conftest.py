@@ -119,6 +119,23 @@ def train_fused_and_plain(manifest: Path, root: Path) -> tuple[Path, Path]:
     return fused, plain
 
 
+COCA_TRAIN = ["--model", "xm-coca-tiny", "--precision", "fp32", "--no-progress", "--batch-size", "8"]
+
+
+@pytest.fixture(scope="session")
+def coca_run(tmp_path_factory) -> Path:
+    """One tiny CoCa run (xm-coca-tiny, clip+caption:2, 6 steps on 24 tiny shapes) shared by the
+    captioning tests: read it, never write into it. Its captions are gibberish; the tests check
+    mechanics (decoding, files, resumption, metrics), not quality."""
+    root = tmp_path_factory.mktemp("coca")
+    manifest = write_tiny_manifest(root / "data", n=24)
+    with pytest.MonkeyPatch.context() as mp:  # session scope: the autouse cache fixture is not active yet
+        mp.setenv("XMODAL_CACHE", str(root / "cache"))
+        run_in_process("train", "--data", manifest, "--out", root / "run", *COCA_TRAIN, "--steps", "6",
+                       "--objective", "clip+caption:2")  # fmt: skip
+    return root / "run"
+
+
 def assert_one_line_error(p: subprocess.CompletedProcess, needle: str) -> None:
     """A CLI refusal as users should see it: exit 2, one stderr line naming `needle`, no traceback."""
     assert p.returncode == 2, (p.stdout, p.stderr)

@@ -1,7 +1,8 @@
 """Build open_clip models from a config name, a JSON file or a resolved config dict.
 
-We instantiate open_clip's own CLIP / CustomTextCLIP classes from a plain config dict so that the
-exact config can be saved with a run and exported back to open_clip unchanged.
+We instantiate open_clip's own CLIP / CustomTextCLIP / CoCa classes from a plain config dict so that the
+exact config can be saved with a run and exported back to open_clip unchanged. A config with a
+`multimodal_cfg` (a captioning decoder) is a CoCa model, as open_clip's own factory decides.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 
 import open_clip
 import torch
+from open_clip.coca_model import CoCa
 from open_clip.model import CLIP, CustomTextCLIP
 
 from xmodal.errors import UserError
@@ -69,6 +71,11 @@ def resolve_model_config(spec: ModelSpec) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     if not all(k in cfg for k in ("embed_dim", "vision_cfg", "text_cfg")):
         raise UserError(f"--model {spec.name}: config needs embed_dim, vision_cfg and text_cfg")
+    if spec.hf_text and is_coca_config(cfg):
+        raise UserError(
+            f"--hf-text with --model {spec.name}: a CoCa model's caption decoder shares open_clip's own "
+            "text tower and vocabulary; drop --hf-text"
+        )
     if spec.hf_text:
         hf = Path(spec.hf_text)
         if not (hf / "config.json").is_file():
@@ -84,6 +91,10 @@ def resolve_model_config(spec: ModelSpec) -> dict[str, Any]:
     return cfg
 
 
+def is_coca_config(cfg: dict[str, Any]) -> bool:
+    return "multimodal_cfg" in cfg
+
+
 def _is_custom_text(cfg: dict[str, Any]) -> bool:
     return bool(cfg.get("custom_text")) or "hf_model_name" in cfg.get("text_cfg", {})
 
@@ -96,15 +107,21 @@ def build_model(
     custom = _is_custom_text(cfg)
     cfg.pop("custom_text", None)
     fusion = cfg.pop("fusion", None)  # xmodal's fusion encoder: attached after the open_clip towers
+    tgmim = cfg.pop("tgmim", None)  # SyCoCa's TG-MIM image decoder (a CoCa training aid), likewise
     if "hf_model_name" in cfg["text_cfg"]:
         cfg["text_cfg"]["hf_model_pretrained"] = load_hf_weights and not spec.pretrained
     if spec.pretrained and not Path(spec.pretrained).is_file():
         if open_clip.get_pretrained_cfg(spec.name, spec.pretrained):  # hub tag: needs internet
             model = open_clip.create_model(spec.name, pretrained=spec.pretrained)
             _lock(model, spec)
-            return _with_fusion(model, fusion)
+            return _with_heads(model, fusion, tgmim)
         raise UserError(f"--pretrained {spec.pretrained}: file not found")
-    model = (CustomTextCLIP if custom else CLIP)(**cfg)
+    if is_coca_config(cfg) and fusion is not None:
+        raise UserError(
+            "the fusion objectives (itm, mlm, mod) need a CLIP model; a CoCa model has its own multimodal "
+            "decoder: train it with --objective clip+caption"
+        )
+    model = CoCa(**cfg) if is_coca_config(cfg) else (CustomTextCLIP if custom else CLIP)(**cfg)
     if spec.pretrained:
         try:  # weights_only: a file holding other pickled objects is refused, never executed
             open_clip.load_checkpoint(model, spec.pretrained, strict=True, weights_only=True)
@@ -119,22 +136,31 @@ def build_model(
                 f"--pretrained {spec.pretrained}: does not fit --model {spec.name} ({first})"
             ) from e
     _lock(model, spec)
-    return _with_fusion(model, fusion)
+    return _with_heads(model, fusion, tgmim)
 
 
-def _with_fusion(model: torch.nn.Module, fusion: dict[str, Any] | None) -> torch.nn.Module:
+def _with_heads(
+    model: torch.nn.Module, fusion: dict[str, Any] | None, tgmim: dict[str, Any] | None
+) -> torch.nn.Module:
     if fusion is not None:
         from xmodal.models.fusion import attach_fusion
 
         attach_fusion(model, fusion)
+    if tgmim is not None:
+        from xmodal.models.captioner import attach_tgmim
+
+        attach_tgmim(model, tgmim)
     return model
 
 
 def _lock(model: torch.nn.Module, spec: ModelSpec) -> None:
+    # CoCa has no lock_*_tower methods; its towers (`visual`, `text`) lock themselves as CLIP's do
     if spec.lock_image:
-        model.lock_image_tower(unlocked_groups=spec.lock_image_unlocked_groups, freeze_bn_stats=True)
+        lock = getattr(model, "lock_image_tower", None) or model.visual.lock
+        lock(unlocked_groups=spec.lock_image_unlocked_groups, freeze_bn_stats=True)
     if spec.lock_text:
-        model.lock_text_tower(unlocked_layers=spec.lock_text_unlocked_layers, freeze_layer_norm=True)
+        lock = getattr(model, "lock_text_tower", None) or model.text.lock
+        lock(unlocked_layers=spec.lock_text_unlocked_layers, freeze_layer_norm=True)
 
 
 def build_tokenizer(cfg: dict[str, Any]):

@@ -1,6 +1,7 @@
 """Training objectives, one file per loss family, registered by name (`xmodal objectives` lists them)."""
 
 from xmodal.objectives import (  # noqa: F401  (importing a family registers its objectives)
+    captioning,
     contrastive,
     geometry,
     late_interaction,

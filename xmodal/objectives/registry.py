@@ -34,6 +34,7 @@ NEEDS = (
     "momentum",
     "teacher",
     "fusion",
+    "caption",
 )  # what an objective may ask of the model
 
 
@@ -64,6 +65,7 @@ class Features:
     text_mask: torch.Tensor | None = None  # b×L bool, True on real (non-padding) tokens
     step: int = 0  # the optimiser step (for schedules such as ALBEF's α warm-up)
     fusion: Any = None  # a `FusionBatch` (hidden states, the model's fusion encoder), for itm/mlm/mod
+    caption: Any = None  # a `CaptionOut` (decoder logits at counted labels, TG-MIM), for caption/tgmim
 
     @classmethod
     def gather(

@@ -2,7 +2,8 @@
 models too large to replicate on every GPU. Tested on CPU with gloo against a single process.
 
 FSDP gathers a module's parameters around its `forward`, so both towers run inside one wrapper
-module whose forward also returns the temperature (and SigLIP bias) for the loss."""
+module whose forward also returns the temperature (and SigLIP bias) for the loss — and, for a CoCa
+model trained with `caption`, the decoder's outputs."""
 
 from __future__ import annotations
 
@@ -27,13 +28,19 @@ _PREFIX = "clip."
 class DualTower(torch.nn.Module):
     """Both towers behind one forward: normalised image and text features, temperature, bias."""
 
-    def __init__(self, clip: torch.nn.Module, trim_text: bool = True) -> None:
+    def __init__(self, clip: torch.nn.Module, trim_text: bool = True, caption_opts=None) -> None:
         super().__init__()
         self.clip = clip
         self.trim_text = trim_text
+        self.caption_opts = caption_opts  # (r_l, r_h): run CoCa's decoder too (`caption_forward`)
 
     def forward(self, pixels: torch.Tensor, tokens: torch.Tensor):
         c = self.clip
+        if self.caption_opts is not None:
+            from xmodal.models.captioner import caption_forward
+
+            img, txt, out = caption_forward(c, pixels, tokens, *self.caption_opts)
+            return img, txt, c.logit_scale.exp(), c.logit_bias, out
         img = c.encode_image(pixels, normalize=True)
         txt = (
             encode_text(c, tokens, normalize=True)
@@ -43,14 +50,23 @@ class DualTower(torch.nn.Module):
         return img, txt, c.logit_scale.exp(), c.logit_bias
 
 
-def shard(model: torch.nn.Module, device: torch.device, world_size: int, trim_text: bool = True) -> DualTower:
-    """Shard every transformer block, then the rest of the model, over all ranks."""
+def shard(
+    model: torch.nn.Module,
+    device: torch.device,
+    world_size: int,
+    trim_text: bool = True,
+    caption_opts: tuple[float, float | None] | None = None,
+) -> DualTower:
+    """Shard every transformer block (CoCa's decoder layers too), then the rest, over all ranks."""
     mesh = init_device_mesh(device.type, (world_size,))
-    towers = DualTower(model, trim_text)
+    towers = DualTower(model, trim_text, caption_opts)
     blocks: list[torch.nn.Module] = []
-    for owner in (getattr(model, "visual", None), model):
+    for owner in (getattr(model, "visual", None), model, getattr(model, "text", None)):
         tr = getattr(owner, "transformer", None)
         blocks.extend(getattr(tr, "resblocks", []))
+    decoder = getattr(model, "text_decoder", None)  # CoCa's multimodal decoder
+    if decoder is not None:
+        blocks.extend([*decoder.resblocks, *decoder.cross_attn])
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(towers, mesh=mesh)

@@ -100,6 +100,11 @@ class Trainer:
             from xmodal.models.fusion import FUSION_DEFAULTS
 
             self.model_cfg.setdefault("fusion", dict(FUSION_DEFAULTS))  # a model JSON may size it
+        self.caption_opts = self._caption_opts(cfg) if "caption" in self.needs else None
+        if self.caption_opts and self.caption_opts[1]:
+            from xmodal.models.captioner import TGMIM_DEFAULTS
+
+            self.model_cfg.setdefault("tgmim", dict(TGMIM_DEFAULTS))
         if cfg.accum_steps > 1 and self.objective.unsupported_with_accumulation():
             names = ", ".join(self.objective.unsupported_with_accumulation())
             raise UserError(f"--objective {names} cannot run on cached features; use --accum-steps 1")
@@ -109,6 +114,10 @@ class Trainer:
         self.model = build_model(
             self.spec, self.model_cfg, load_hf_weights=self.resume_state is None or "teacher" in self.needs
         )
+        if "caption" in self.needs:
+            from xmodal.models.captioner import check_coca
+
+            check_coca(self.model, f"--objective {cfg.objective} with --model {cfg.model}")
         if "tokens" in self.needs:  # a tower without token outputs fails here, not at the first step
             from xmodal.models.tokens import check_tokens_supported
 
@@ -150,7 +159,9 @@ class Trainer:
         if self.fsdp:
             from xmodal.train import fsdp
 
-            self.towers = fsdp.shard(self.model, self.device, self.dist.world_size)
+            self.towers = fsdp.shard(
+                self.model, self.device, self.dist.world_size, caption_opts=self.caption_opts
+            )
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(self.model, cfg, self.device)
         if self.resume_state is not None:
@@ -179,6 +190,14 @@ class Trainer:
             progress=self.dist.is_main,
         )
 
+    def _caption_opts(self, cfg: TrainConfig) -> tuple[float, float | None]:
+        """(SyCoCa r_l for the captioning input, r_h for TG-MIM or None) from the objectives' parameters."""
+        by_name = {o.name: o for o, _ in self.objective.objectives}
+        if "caption" not in by_name and "tgmim" in by_name:
+            raise UserError(f"--objective {cfg.objective}: tgmim trains beside caption; add caption")
+        drop = by_name["caption"].params.attentive if "caption" in by_name else 0.0
+        return drop, (by_name["tgmim"].params.ratio if "tgmim" in by_name else None)
+
     def _frozen_copy(self) -> torch.nn.Module:
         return copy.deepcopy(self.model).eval().requires_grad_(False)
 
@@ -199,8 +218,13 @@ class Trainer:
         with self._kernels():
             pixels = self.encoder.normalize_pixels(x)
             if self.towers is not None:
-                img, txt, scale, bias = self.towers(pixels, tokens)
-                return img.float(), txt.float(), scale, bias
+                img, txt, scale, bias, *cap = self.towers(pixels, tokens)
+                return (img.float(), txt.float(), scale, bias, *({"caption": c} for c in cap))
+            if self.caption_opts is not None:  # CoCa: contrastive features and the decoder in one pass
+                from xmodal.models.captioner import caption_forward
+
+                img, txt, out = caption_forward(self.model, pixels, tokens, *self.caption_opts)
+                return img, txt, self.model.logit_scale.exp(), self.model.logit_bias, {"caption": out}
             if "fusion" in self.needs:  # one pass per tower gives pooled features and hidden states
                 from xmodal.models.fusion import encode_hidden, tokens_from_hidden
 
