@@ -145,6 +145,12 @@ METRICS: tuple[tuple[str, tuple[str, ...], bool | None], ...] = (
     ("probe relation itm", ("probe_itm", "by_type", "relation", "accuracy"), True),
     ("probe object itm", ("probe_itm", "by_type", "object", "accuracy"), True),
     ("rerank ms/query", ("retrieval", "rerank", "ms_per_query"), None),
+    # CoCa runs (--model xm-coca-tiny): captions of the first --caption-images test images, generated
+    # (greedy) when the run trained a caption objective, and the nearest training caption by the run's ITC
+    ("CIDEr", ("captioning", "CIDEr"), True),
+    ("BLEU-4", ("captioning", "BLEU-4"), True),
+    ("CIDEr nearest train caption", ("captioning_baseline", "CIDEr"), True),
+    ("BLEU-4 nearest train caption", ("captioning_baseline", "BLEU-4"), True),
 )
 
 
@@ -183,6 +189,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--rerank-k", type=int, default=16, help="runs with a fusion encoder: ITM re-ranks the ITC top k"
+    )
+    p.add_argument(
+        "--caption-images", type=int, default=300, help="CoCa runs: test images to caption (0: none)"
     )
     p.add_argument("--shapes-images", type=int, default=5000, help="training images of the shapes data set")
     p.add_argument("--noise-fraction", type=float, default=0.3, help="shapes-noisy: share of items shuffled")
@@ -631,12 +640,15 @@ def eval_dtype(precision: str):
     return None if precision == "fp32" else resolve_precision(precision, torch.device("cpu"))
 
 
-def evaluate_run(run: Path, ds: DataSet, tests: TestSets, dtype=None, rerank_k: int = 16) -> dict:
+def evaluate_run(
+    run: Path, ds: DataSet, tests: TestSets, dtype=None, rerank_k: int = 16, caption_images_n: int = 300
+) -> dict:
     """Retrieval, zero-shot (labelled data), modality gap and (with negatives in `test`) the probe, in one
     pass over the test split, by the run's final weights. With a fusion encoder also the retrieval with
     the ITC top `rerank_k` re-ranked by ITM (`retrieval.rerank`) and the probe by ITM (`probe_itm`)."""
     from xmodal.eval import evaluate
     from xmodal.models import load_encoder
+    from xmodal.models.captioner import is_coca
     from xmodal.models.fusion import has_fusion
 
     enc = load_encoder(str(run), device="cpu")
@@ -651,7 +663,35 @@ def evaluate_run(run: Path, ds: DataSet, tests: TestSets, dtype=None, rerank_k: 
     out = evaluate(enc, test, tasks=tasks, positives=ds.positives, skip_unavailable=True, **extra)
     if fusion and probe:
         out["probe_itm"] = evaluate(enc, test, tasks=["probe"], score="itm")["probe"]
+    if is_coca(enc.model) and caption_images_n > 0:
+        out.update(captioning_eval(enc, run, ds, test, caption_images_n))
     return out
+
+
+def captioning_eval(enc, run: Path, ds: DataSet, test, n: int) -> dict:
+    """CIDEr/BLEU of the run's greedy captions (only if it trained a caption objective: an untrained
+    decoder's output means nothing) and of the nearest-training-caption baseline, on the first n images."""
+    import yaml
+
+    from xmodal.eval.captioning import caption_metrics, nearest_caption_baseline
+    from xmodal.models.captioner import Decoding, caption_images
+
+    images = test.images[:n]
+    refs = {i: list(test.captions[i]) for i in range(len(images))}
+    train = [c for row in C.manifest_rows(ds.train) for c in _as_list(row.get("caption"))]
+    nearest = nearest_caption_baseline(enc, train, images)
+    out = {"captioning_baseline": caption_metrics(dict(enumerate(nearest)), refs)}
+    if "caption" in str(yaml.safe_load((run / "config.yaml").read_text())["train"]["objective"]):
+        t0 = time.perf_counter()
+        gen = caption_images(enc, images, Decoding())
+        out["captioning"] = caption_metrics(dict(enumerate(gen)), refs)
+        out["captioning"]["ms_per_image"] = 1000 * (time.perf_counter() - t0) / len(images)
+        out["captioning"]["examples"] = [[gen[i], nearest[i], refs[i][0]] for i in range(min(3, len(gen)))]
+    return out
+
+
+def _as_list(x) -> list[str]:
+    return [x] if isinstance(x, str) else list(x or [])
 
 
 def search_latency(run: Path, ds: DataSet, work: Path, depth: int, queries: int = 20) -> dict | None:
@@ -814,7 +854,9 @@ def ablate_dataset(
             try:
                 rec.update(train_run(a, ds, c, seed, steps, out))
                 t = time.perf_counter()
-                rec["eval"] = evaluate_run(out, ds, tests, eval_dtype(a.eval_precision_resolved), a.rerank_k)
+                rec["eval"] = evaluate_run(
+                    out, ds, tests, eval_dtype(a.eval_precision_resolved), a.rerank_k, a.caption_images
+                )
                 rec["eval_s"] = time.perf_counter() - t
                 if seed == 0 and "rerank" in rec["eval"].get("retrieval", {}):
                     res.setdefault("latency", {})[c.label] = search_latency(out, ds, bench, a.rerank_k)
@@ -865,11 +907,20 @@ def dataset_block(a: argparse.Namespace, ds: DataSet, res: dict, tests: TestSets
             )
             + "."
         )
+    captions = ""
+    for label, recs in res["runs"].items():  # CoCa runs: seed 0's first captions beside the baseline's
+        cap = next((r["eval"]["captioning"] for r in recs if "captioning" in r.get("eval", {})), None)
+        if cap:
+            captions += f"\n\n`{label}` (greedy, {cap['ms_per_image']:.1f} ms/image), generated / nearest "
+            captions += "training caption / first reference: " + "; ".join(
+                " / ".join(f"“{t}”" for t in ex) for ex in cap["examples"]
+            )
     return (
         head
         + f"\n\nCalibrated step time → steps for the {a.budget_s:g} s budget: {calib}.\n\n"
         + dataset_table(ds.name, res["aggregate"])
         + latency
+        + captions
     )
 
 
