@@ -25,6 +25,7 @@ _STAGES = (
     "xmodal.eval.cli",
     "xmodal.index.cli",
     "xmodal.serve.cli",
+    "xmodal.caption.cli",
     "xmodal.demo",
 )
 
