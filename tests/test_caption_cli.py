@@ -178,3 +178,17 @@ def test_work_folder_of_another_job_is_refused_or_restarted(tmp_path):
     assert (work / "chunk_000000.json").is_file()  # the batch size changes no greedy caption: resumed
     _prepare_work(work, other, True, logs.append)
     assert not (work / "chunk_000000.json").exists() and "--restart" in logs[-1]
+
+
+def test_an_uncaptioned_image_folder_gets_captions(coca_run, tmp_path):
+    """The main use: a folder of images with no text at all becomes a trainable manifest."""
+    from xmodal.data import read_records
+
+    folder = tmp_path / "photos"
+    manifest = write_tiny_manifest(folder, n=3)
+    manifest.unlink()  # images only
+    out = tmp_path / "captions.jsonl"
+    run_in_process("caption", coca_run, "--data", folder, "--out", out, *FAST)
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["caption"] and r["reference"] == [] for r in rows)
+    assert [r.captions for r in read_records(out)] == [[r["caption"]] for r in rows]

@@ -209,3 +209,22 @@ def test_wds_json_captions_and_cls(tmp_path):
     (rec,) = read_records(tmp_path / "s.tar", stats=stats)
     assert (rec.key, rec.captions, rec.label, rec.lang) == ("k1", ["x", "y"], "3", "fr")
     assert stats.as_dict() == {"missing_image": 1}
+
+
+def test_keep_uncaptioned_keeps_images_without_text(tmp_path):
+    """For captioning a collection: images with no caption stay (with none); by default they are skipped."""
+    from PIL import Image
+
+    from xmodal.data.records import read_records
+
+    for i in range(3):
+        Image.new("RGB", (8, 8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "0.txt").write_text("a caption")
+    (tmp_path / "m.jsonl").write_text('{"image": "1.png"}\n{"image": "2.png", "caption": "two"}\n')
+    (tmp_path / "m.csv").write_text("filepath\n0.png\n1.png\n")
+    assert [(r.key, r.captions) for r in read_records(tmp_path, keep_uncaptioned=True)] == [
+        ("0.png", ["a caption"]), ("1.png", []), ("2.png", [])]  # fmt: skip
+    assert [r.key for r in read_records(tmp_path)] == ["0.png"]
+    assert [r.captions for r in read_records(tmp_path / "m.jsonl", keep_uncaptioned=True)] == [[], ["two"]]
+    assert [r.captions for r in read_records(tmp_path / "m.jsonl")] == [["two"]]
+    assert [r.captions for r in read_records(tmp_path / "m.csv", keep_uncaptioned=True)] == [[], []]

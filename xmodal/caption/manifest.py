@@ -249,7 +249,12 @@ def caption_manifest(
     check_out(out, data)
     read_stats = DataStats()
     records = read_records(
-        data, image_key=image_key, caption_key=caption_key, label_key=label_key, stats=read_stats
+        data,
+        image_key=image_key,
+        caption_key=caption_key,
+        label_key=label_key,
+        stats=read_stats,
+        keep_uncaptioned=True,  # an uncaptioned collection is what captioning is for
     )
     if not records:
         raise UserError(f"{data}: no usable items ({read_stats.summary() or 'it is empty'})")

@@ -99,12 +99,19 @@ class _Collector:
     ground truth needs one image with all its captions, and decoding the image once is cheaper.
     """
 
-    def __init__(self, stats: DataStats, merge: bool = True) -> None:
+    def __init__(self, stats: DataStats, merge: bool = True, keep_uncaptioned: bool = False) -> None:
         self.stats = stats
         self.merge = merge
+        self.keep_uncaptioned = keep_uncaptioned  # for captioning a collection: images without text stay
         self.by_key: dict[str, Record] = {}
 
     def add(self, rec: Record, captions_missing: bool = False) -> None:
+        if self.keep_uncaptioned and not rec.captions:
+            captions_missing = False
+            if rec.key in self.by_key:
+                return
+            self.by_key[rec.key] = rec
+            return
         if captions_missing:
             self.stats.add("missing_caption")
             return
@@ -153,10 +160,10 @@ def _image_path(base: Path, value: str) -> tuple[str, str]:
 
 
 def _read_jsonl(path: Path, image_key: str | None, caption_key: str | None, label_key: str | None,
-                stats: DataStats) -> list[Record]:
+                stats: DataStats, keep_uncaptioned: bool = False) -> list[Record]:
     ikey, lkey = image_key or "image", label_key or "label"
     base = path.parent
-    col = _Collector(stats)
+    col = _Collector(stats, keep_uncaptioned=keep_uncaptioned)
     n_lines = n_no_caption = 0
     try:
         f = path.open("rb")
@@ -192,7 +199,7 @@ def _read_jsonl(path: Path, image_key: str | None, caption_key: str | None, labe
             extra = {k: v for k, v in obj.items() if k not in (ikey, ckey, lkey, "lang")}
             rec = Record(key, abspath, captions, _opt_str(obj.get(lkey)), _opt_str(obj.get("lang")), extra)
             col.add(rec, captions_missing=missing)
-    if n_lines and n_no_caption == n_lines:
+    if n_lines and n_no_caption == n_lines and not keep_uncaptioned:
         raise UserError(f"{path}: no line has a {caption_key or 'caption'!r} field; name the caption field "
                         "with --caption-key")
     return _drop_missing_files(col.records(), stats)
@@ -202,17 +209,20 @@ def _read_jsonl(path: Path, image_key: str | None, caption_key: str | None, labe
 
 
 def _read_csv(path: Path, image_key: str | None, caption_key: str | None, label_key: str | None,
-              stats: DataStats) -> list[Record]:
+              stats: DataStats, keep_uncaptioned: bool = False) -> list[Record]:
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
     ikey, ckey = image_key or "filepath", caption_key or "title"
-    col = _Collector(stats)
+    col = _Collector(stats, keep_uncaptioned=keep_uncaptioned)
     try:
         f = path.open(encoding="utf-8-sig", newline="")
     except OSError as e:
         raise UserError(f"{path}: cannot read ({e.strerror}); check the path and permissions") from e
     with f:
         reader = csv.DictReader(f, delimiter=sep, strict=True)
-        _check_columns(path, next(_csv_rows(path, reader, header=True))[1], ikey, ckey, label_key)
+        header = next(_csv_rows(path, reader, header=True))[1]
+        if keep_uncaptioned and caption_key is None and ckey not in header:
+            ckey = None  # no caption column at all: every image is uncaptioned
+        _check_columns(path, header, ikey, ckey, label_key)
         for lineno, row in _csv_rows(path, reader):
             if None in row or any(v is None for v in row.values()):
                 raise UserError(f"{path}:{lineno}: expected {len(reader.fieldnames or [])} "
@@ -223,7 +233,8 @@ def _read_csv(path: Path, image_key: str | None, caption_key: str | None, label_
             lkey = label_key or "label"
             key, abspath = _image_path(path.parent, row[ikey].strip())
             extra = {k: v for k, v in row.items() if k not in (ikey, ckey, lkey, "lang")}
-            col.add(Record(key, abspath, clean_captions(row[ckey], stats), _opt_str(row.get(lkey)),
+            caps = clean_captions(row[ckey], stats) if ckey is not None else []
+            col.add(Record(key, abspath, caps, _opt_str(row.get(lkey)),
                            _opt_str(row.get("lang")), extra))
     return _drop_missing_files(col.records(), stats)
 
@@ -273,14 +284,16 @@ def folder_files(root: Path) -> list[Path]:
     return out
 
 
-def _read_folder(root: Path, label_key: str | None, stats: DataStats) -> list[Record]:
+def _read_folder(
+    root: Path, label_key: str | None, stats: DataStats, keep_uncaptioned: bool = False
+) -> list[Record]:
     """image.ext + image.txt (one caption per line) + optional image.json (label, lang, other fields)."""
     lkey = label_key or "label"
     images = [p for p in folder_files(root) if p.suffix.lower() in IMAGE_EXTS]
     if not images:
         raise UserError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) found; give a manifest, a folder of "
                         "images with .txt captions, or .tar shards")
-    col = _Collector(stats)
+    col = _Collector(stats, keep_uncaptioned=keep_uncaptioned)
     for img in images:
         key = img.relative_to(root).as_posix()
         txt = img.with_suffix(".txt")
@@ -344,14 +357,15 @@ def expand_shards(source: str | Path) -> list[Path]:
 
 
 def _read_shards(shards: list[Path], image_key: str | None, caption_key: str | None, label_key: str | None,
-                 stats: DataStats) -> list[Record]:
+                 stats: DataStats, keep_uncaptioned: bool = False) -> list[Record]:
     """Samples (grouped by __key__ with the webdataset library): image under jpg/png/webp/jpeg, one caption
     per line in txt (or the json's caption field), label from json (or a .cls file)."""
     import webdataset as wds
 
     ikeys = (image_key,) if image_key else WDS_IMAGE_KEYS
     ckey, lkey = caption_key or "caption", label_key or "label"
-    col = _Collector(stats, merge=False)  # keys identify samples here; a repeated key is a second sample
+    # keys identify samples here; a repeated key is a second sample
+    col = _Collector(stats, merge=False, keep_uncaptioned=keep_uncaptioned)
     for shard in shards:
         try:
             for sample in wds.DataPipeline(wds.SimpleShardList([str(shard)]), wds.tarfile_to_samples()):
@@ -421,15 +435,18 @@ def source_kind(source: str | Path) -> str:
 
 
 def read_records(source: str | Path, *, image_key: str | None = None, caption_key: str | None = None,
-                 label_key: str | None = None, stats: DataStats | None = None) -> list[Record]:
-    """Read any supported source into Records (images not decoded). Skips are counted in `stats`."""
+                 label_key: str | None = None, stats: DataStats | None = None,
+                 keep_uncaptioned: bool = False) -> list[Record]:
+    """Read any supported source into Records (images not decoded). Skips are counted in `stats`.
+    `keep_uncaptioned`: images without a caption are kept (with none) instead of skipped, for captioning
+    a collection (`xmodal caption`, `index build --captions generate`)."""
     stats = stats if stats is not None else DataStats()
     kind = source_kind(source)
     p = Path(source)
     if kind == "jsonl":
-        return _read_jsonl(p, image_key, caption_key, label_key, stats)
+        return _read_jsonl(p, image_key, caption_key, label_key, stats, keep_uncaptioned)
     if kind == "csv":
-        return _read_csv(p, image_key, caption_key, label_key, stats)
+        return _read_csv(p, image_key, caption_key, label_key, stats, keep_uncaptioned)
     if kind == "folder":
-        return _read_folder(p, label_key, stats)
-    return _read_shards(expand_shards(source), image_key, caption_key, label_key, stats)
+        return _read_folder(p, label_key, stats, keep_uncaptioned)
+    return _read_shards(expand_shards(source), image_key, caption_key, label_key, stats, keep_uncaptioned)
