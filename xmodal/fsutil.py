@@ -188,7 +188,7 @@ def locked(final: Path) -> Iterator[None]:
             from xmodal.errors import UserError
 
             raise UserError(
-                f"{final}: another xmodal process is writing this index; wait for it to finish"
+                f"{final}: another xmodal process is writing it; wait for that one to finish"
             ) from None
         _held.add(str(final))
         try:
