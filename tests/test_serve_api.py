@@ -251,3 +251,77 @@ def test_real_server_raw_requests_and_keeps_serving(index_dir):
             assert c.get("/search", params={"q": "a red circle"}).status_code == 200
     finally:
         server.stop()
+
+
+# -- POST /caption: the model's caption of an uploaded image (CoCa models) ----------------------------
+
+
+def make_coca_index(root, coca_run, n=8):
+    """An index of an image folder without captions, built from the tiny CoCa run with generated captions,
+    and its encoder."""
+    enc = load_encoder(str(coca_run))
+    write_tiny_manifest(root / "photos", n=n)
+    (root / "photos" / "data.jsonl").unlink()
+    out = root / "idx"
+    build_index(
+        enc, root / "photos", out, model_source=str(coca_run), captions="generate", progress=False,
+        log=lambda m: None,
+    )  # fmt: skip
+    return out, root / "photos", enc
+
+
+_COCA_INDEXES: dict[str, tuple] = {}
+
+
+def shared_coca_index(tmp_path_factory, coca_run):
+    """One CoCa index per test session for the serve tests (API, browser, schema); read it only."""
+    if str(coca_run) not in _COCA_INDEXES:
+        _COCA_INDEXES[str(coca_run)] = make_coca_index(tmp_path_factory.mktemp("serve-coca"), coca_run)
+    return _COCA_INDEXES[str(coca_run)]
+
+
+@pytest.fixture(scope="module")
+def coca_index(tmp_path_factory, coca_run):
+    return shared_coca_index(tmp_path_factory, coca_run)
+
+
+def test_caption_route_gives_the_captioners_caption(coca_index):
+    import torch
+
+    from xmodal.data import resize_center_crop
+    from xmodal.models.captioner import Decoding, caption_images
+
+    out, photos, enc = coca_index
+    c = TestClient(create_app(out, encoder=enc), base_url="http://localhost", raise_server_exceptions=False)
+    h = c.get("/health").json()
+    assert h["caption"]["available"] is True and h["caption"]["decoding"]["max_len"] == 30
+    img = Image.open(photos / "img_002.png").convert("RGB")
+    img = img.resize((53, 47))  # not the model's size: the server resizes and crops as index build does
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    r = c.post("/caption", files={"file": ("q.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = caption_images(enc, torch.stack([resize_center_crop(img, enc.image_size)]), Decoding())[0]
+    assert body["caption"] == expected and expected.strip()
+    assert body["model"] == h["model"] and body["decoding"] == h["caption"]["decoding"]
+    assert body["query"] == {"image": "q.png", "size": [53, 47]}
+    # the page's cards mark generated captions; caption search hits say so too
+    hits = c.post("/search/image", files={"file": ("q.png", buf.getvalue(), "image/png")},
+                  data={"target": "captions", "k": "2"}).json()["results"]  # fmt: skip
+    assert hits and all(x["caption_generated"] is True for x in hits)
+    assert_error(c.post("/caption", files={"file": ("q.png", b"", "image/png")}), 400)
+    assert_error(c.post("/caption", files={"file": ("q.png", b"not an image", "image/png")}), 400)
+    op = c.get("/openapi.json").json()["paths"]["/caption"]["post"]
+    assert set(op["responses"]) == {"200", "400", "413", "422", "503"}
+    encoding = op["requestBody"]["content"]["multipart/form-data"]["encoding"]
+    assert "image/png" in encoding["file"]["contentType"]
+
+
+def test_caption_route_without_a_caption_decoder_is_400(client):
+    assert client.get("/health").json()["caption"] == {"available": False, "decoding": None}
+    r = client.post("/caption", files={"file": ("q.png", png_bytes(), "image/png")})
+    assert_error(r, 400)
+    assert "no caption decoder" in r.json()["error"] and "CoCa" in r.json()["error"]
+    # it can never succeed here, so the schema leaves it out (schemathesis: valid requests succeed)
+    assert "/caption" not in client.get("/openapi.json").json()["paths"]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ARTIFACTS, MICRO_TRAIN, run_in_process, write_tiny_manifest
-from test_serve_api import KEY, make_index
+from test_serve_api import KEY, make_index, shared_coca_index
 
 from tests.conftest import CHROMIUM_ARGS
 from xmodal.serve import start_in_thread
@@ -80,6 +80,7 @@ def test_text_query_then_image_upload(site, page):
     page.wait_for_function(THUMBS_LOADED, arg=10, timeout=30_000)
     assert page.get_attribute("#results .result >> nth=0", "data-id") == "img_011.png"
     assert page.is_visible("#query-preview")
+    assert not page.is_visible("#query-caption")  # xm-micro has no caption decoder: nothing shown
     shot(page, "serve_image_query.png")
     assert page.errors == [], page.errors  # no CSP violations or script errors
 
@@ -190,4 +191,37 @@ def test_rerank_badge_and_itm_scores(rerank_site, page):
         "() => document.querySelector('#results').dataset.reranked === '0'", timeout=30_000
     )
     assert page.locator("#results .result .itm").count() == 0
+    assert page.errors == [], page.errors
+
+
+@pytest.fixture(scope="module")
+def coca_site(tmp_path_factory, coca_run):
+    """A server over an image folder indexed by the tiny CoCa run with generated captions."""
+    out, photos, enc = shared_coca_index(tmp_path_factory, coca_run)
+    server = start_in_thread(out, encoder=enc)
+    yield server, photos
+    server.stop()
+
+
+def test_image_query_shows_the_models_caption(coca_site, page):
+    import httpx
+
+    server, photos = coca_site
+    query = photos / "img_004.png"
+    page.goto(server.url + "/")
+    page.wait_for_selector("body[data-ready='1']")
+    assert not page.is_visible("#query-caption")
+    page.set_input_files("#file", str(query))
+    page.wait_for_selector("#query-caption", state="visible", timeout=30_000)
+    page.wait_for_function(THUMBS_LOADED, arg=8, timeout=30_000)
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        expected = c.post("/caption", files={"file": ("q.png", query.read_bytes(), "image/png")}).json()
+    assert page.inner_text("#query-caption-text") == expected["caption"]
+    assert page.inner_text("#query-caption").startswith("the model sees:")
+    assert page.locator("#results .result .caption .generated").count() == 8  # every caption generated
+    shot(page, "serve_image_caption.png")
+    page.fill("#q", "a red circle")
+    page.press("#q", "Enter")
+    page.wait_for_function("() => document.querySelector('#results').dataset.kind === 'text'", timeout=30_000)
+    assert not page.is_visible("#query-caption")  # a text query has no query image to caption
     assert page.errors == [], page.errors

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 from fastapi.testclient import TestClient
-from test_serve_api import KEY, make_index
+from test_serve_api import KEY, make_index, shared_coca_index
 
 from xmodal.serve import create_app, start_in_thread
 
@@ -124,31 +124,49 @@ def test_every_error_answer_is_documented(index_dir):
     assert list(thumb) == ["image/jpeg"]
 
 
+def schemathesis(url: str, tmp_path, *args: str) -> str:
+    """`st run` against the server at `url`, with the upload hooks: asserts no issues, returns the report."""
+    (tmp_path / "xmodal_st_hooks.py").write_text(HOOKS)
+    st = shutil.which("st") or shutil.which("schemathesis")
+    cmd = [st] if st else [sys.executable, "-m", "schemathesis.cli"]
+    env = {**os.environ, "SCHEMATHESIS_HOOKS": "xmodal_st_hooks", "PYTHONPATH": str(tmp_path)}
+    args = ("--seed", "1", "--workers", "1", "--request-timeout", "30", *args)
+    proc = subprocess.run(
+        [*cmd, "run", f"{url}/openapi.json", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    report = proc.stdout + proc.stderr
+    assert proc.returncode == 0, report[-6000:]
+    assert "No issues found" in report, report[-6000:]
+    return report
+
+
 @pytest.mark.parametrize(("api_key", "examples"), [(None, 20), (KEY, 10)], ids=["loopback", "api-key"])
 def test_schemathesis_finds_nothing(index_dir, tmp_path, api_key, examples):
     """`st run` with all default checks and phases against the real server on loopback: no failures (with a
     key, its checks of the auth contract run too)."""
     out, _, enc = index_dir
-    (tmp_path / "xmodal_st_hooks.py").write_text(HOOKS)
-    st = shutil.which("st") or shutil.which("schemathesis")
-    cmd = [st] if st else [sys.executable, "-m", "schemathesis.cli"]
-    env = {**os.environ, "SCHEMATHESIS_HOOKS": "xmodal_st_hooks", "PYTHONPATH": str(tmp_path)}
     server = start_in_thread(out, encoder=enc, api_key=api_key)
-    args = ["--max-examples", str(examples), "--seed", "1", "--workers", "1", "--request-timeout", "30"]
+    args = ["--max-examples", str(examples)]
     if api_key:
         args += ["--header", f"X-API-Key: {api_key}"]
     try:
-        proc = subprocess.run(
-            [*cmd, "run", f"{server.url}/openapi.json", *args],
-            capture_output=True,
-            text=True,
-            env=env,
-            cwd=tmp_path,
-            timeout=300,
-        )
+        report = schemathesis(server.url, tmp_path, *args)
     finally:
         server.stop()
-    report = proc.stdout + proc.stderr
-    assert proc.returncode == 0, report[-6000:]
-    assert "No issues found" in report, report[-6000:]
-    assert "5 selected / 5 total" in report, report[-3000:]
+    assert "5 selected / 5 total" in report, report[-3000:]  # no POST /caption: xm-micro cannot caption
+
+
+def test_schemathesis_finds_nothing_in_the_caption_route(tmp_path_factory, coca_run, tmp_path):
+    """A CoCa model's server offers POST /caption; schema-valid uploads get a caption, the rest a 4xx."""
+    out, _, enc = shared_coca_index(tmp_path_factory, coca_run)
+    server = start_in_thread(out, encoder=enc)
+    try:
+        report = schemathesis(server.url, tmp_path, "--max-examples", "10", "--include-path", "/caption")
+    finally:
+        server.stop()
+    assert "1 selected / 6 total" in report, report[-3000:]

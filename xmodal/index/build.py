@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from xmodal import fsutil
 from xmodal.errors import UserError
+from xmodal.index import captions as gen_captions
 from xmodal.index.ann import KINDS
 from xmodal.index.binary import METHODS as BINARY_METHODS
 from xmodal.index.embed import MAX_PIXELS, embed_collection, to_collection
@@ -70,6 +71,8 @@ def build_index(
     caption_key: str | None = None,
     label_key: str | None = None,
     max_pixels: int = MAX_PIXELS,
+    captions: str = "keep",
+    decoding: Any = None,
     log: Any = _log,
 ) -> SearchIndex:
     """Embed `data` with `encoder` and write the index directory `out` (atomically; a previous index at `out`
@@ -79,11 +82,31 @@ def build_index(
     kind: flat | hnsw | ivfpq | binary | any FAISS factory string (inner-product metric).
     model_source/pretrained: recorded in index.json so `open_index(out).search_text(...)` can reload the
     model later; without them text/image search needs an encoder passed in.
-    Embedding runs in chunks saved under `work_dir` (default OUT.work/) so a killed build resumes."""
+    Embedding runs in chunks saved under `work_dir` (default OUT.work/) so a killed build resumes.
+    captions: keep (the collection's captions) | generate (items without one get a caption from the
+    model's caption decoder — a CoCa model — with `decoding`, in the same chunks; implies
+    caption_gallery; see `xmodal.index.captions`)."""
     _check_kind(kind, bits, binary_method, rerank)
+    generate = gen_captions.check_mode(captions) == "generate"
+    if generate:
+        gen_captions.check_captioner(encoder)  # before reading anything: one line naming --captions
+        decoding = gen_captions.decoding_of(decoding)
+        try:
+            decoding.check(encoder.model.text.context_length)
+        except UserError as e:  # name the index build flags
+            msg = str(e).replace("--max-len", "--caption-max-len").replace("--beam", "--caption-beam")
+            raise UserError(msg) from None
+        if not caption_gallery:
+            log("--captions generate: the caption gallery is on (generated captions are searched there)")
+        caption_gallery = True
     out = Path(out).absolute()
     coll, read_skips = to_collection(
-        data, image_key=image_key, caption_key=caption_key, label_key=label_key, max_pixels=max_pixels
+        data,
+        image_key=image_key,
+        caption_key=caption_key,
+        label_key=label_key,
+        max_pixels=max_pixels,
+        captions=captions,
     )
     work = Path(work_dir) if work_dir else out.parent / f"{out.name}.work"
     with fsutil.locked(out):
@@ -96,6 +119,8 @@ def build_index(
             thumb_size=thumb_size,
             progress=progress,
             log=log,
+            captions=captions,
+            decoding=decoding,
         )
         skipped = {**read_skips}
         for k, v in emb.skipped.items():
@@ -135,6 +160,12 @@ def build_index(
             caption_gallery=bool(caption_gallery),
             thumb_size=thumb_size,
         )
+        if generate:
+            info["captions"] = {
+                "mode": "generate",
+                "generated": emb.generated,
+                "decoding": gen_captions.decoding_dict(decoding),
+            }
         thumbs = Thumbs()
         thumbs.extend(emb.thumbs)
         cap_v = cap_m = None
@@ -186,8 +217,14 @@ def add_to_index(
     path = Path(path).absolute()
     with fsutil.locked(path):
         idx = open_index(path, mmap=False)
+        mode, decoding = gen_captions.recorded(idx.info)  # an index built with generated captions goes on
         coll, read_skips = to_collection(
-            data, image_key=image_key, caption_key=caption_key, label_key=label_key, max_pixels=max_pixels
+            data,
+            image_key=image_key,
+            caption_key=caption_key,
+            label_key=label_key,
+            max_pixels=max_pixels,
+            captions=mode,
         )
         dup = [i for i in coll.ids if idx.row_of(i) is not None]
         if dup:
@@ -206,6 +243,8 @@ def add_to_index(
             thumb_size=int(idx.info.get("thumb_size", 128)),
             progress=progress,
             log=log,
+            captions=mode,
+            decoding=decoding,
         )
         skipped = {**read_skips, **emb.skipped}
         if skipped:

@@ -35,6 +35,18 @@ def build_cmd(
     caption_gallery: bool = typer.Option(
         False, "--caption-gallery", help="Also embed captions (image→text)."
     ),
+    captions: str = typer.Option(
+        "keep",
+        "--captions",
+        help="keep: the collection's captions | generate: items without one get a caption from the model "
+        "(a CoCa run), stored in meta.parquet (caption_generated) and the caption gallery.",
+    ),
+    caption_max_len: int = typer.Option(
+        30, "--caption-max-len", help="With --captions generate: longest caption in tokens (start/end incl.)."
+    ),
+    caption_beam: int = typer.Option(
+        1, "--caption-beam", help="With --captions generate: beams (1: greedy decoding)."
+    ),
     nprobe: int = typer.Option(None, "--nprobe", help="IVF lists probed per query (default: nlist/4)."),
     nlist: int = typer.Option(None, "--nlist", help="IVF lists (default: √N, clamped)."),
     ef_search: int = typer.Option(None, "--ef-search", help="HNSW efSearch (default 128)."),
@@ -49,10 +61,14 @@ def build_cmd(
 ) -> None:
     """Embed a collection and write an index directory (resumable: a rerun reuses finished chunks)."""
     from xmodal.data.records import source_kind
+    from xmodal.index import captions as gen_captions
     from xmodal.index.build import _check_kind, build_index
     from xmodal.models import load_encoder
 
     _check_kind(kind, bits, binary_method, rerank)
+    decoding = None
+    if gen_captions.check_mode(captions) == "generate":
+        decoding = gen_captions.make_decoding(caption_max_len, caption_beam)
     source_kind(data)  # fail on a missing/unknown --data before the (slow) model load
     enc = load_encoder(model, pretrained, device)
     build_index(
@@ -77,6 +93,8 @@ def build_cmd(
         image_key=image_key,
         caption_key=caption_key,
         label_key=label_key,
+        captions=captions,
+        decoding=decoding,
     )
 
 
@@ -87,7 +105,8 @@ def add_cmd(
     chunk_size: int = typer.Option(4096, "--chunk-size"),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Embed more items with the index's model and append them."""
+    """Embed more items with the index's model and append them (generating captions for those without
+    one when the index was built with --captions generate)."""
     from xmodal.index.build import add_to_index
 
     add_to_index(index, data, chunk_size=chunk_size, progress=progress)

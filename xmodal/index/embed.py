@@ -65,6 +65,7 @@ class Embedded:
     caption_items: list[int] = field(default_factory=list)  # row index (into rows) of each caption vector
     caption_texts: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+    generated: int = 0  # rows whose caption the model generated (`captions="generate"`)
     chunks_computed: int = 0
     chunks_reused: int = 0
 
@@ -239,8 +240,10 @@ def to_collection(
     caption_key: str | None = None,
     label_key: str | None = None,
     max_pixels: int = MAX_PIXELS,
+    captions: str = "keep",
 ) -> tuple[Collection, dict]:
-    """Anything `build_index` accepts → (Collection, reader skip counts)."""
+    """Anything `build_index` accepts → (Collection, reader skip counts). captions="generate" keeps an
+    image folder's or JSONL manifest's items without a caption (`xmodal.index.captions`)."""
     if isinstance(data, Collection):
         return data, {}
     if isinstance(data, (str, Path)):
@@ -248,9 +251,13 @@ def to_collection(
         from xmodal.data.records import DataStats
 
         stats = DataStats()
-        records = read_records(
-            data, image_key=image_key, caption_key=caption_key, label_key=label_key, stats=stats
-        )
+        if captions == "generate":
+            from xmodal.index.captions import read_for_captions
+
+            read = read_for_captions
+        else:
+            read = read_records
+        records = read(data, image_key=image_key, caption_key=caption_key, label_key=label_key, stats=stats)
         if not records:
             why = stats.summary() or "it is empty"
             raise UserError(f"{data}: no usable items ({why}); check the image paths and captions")
@@ -281,13 +288,15 @@ def _save_chunk(path: Path, arrays: dict[str, np.ndarray]) -> None:
     write_atomic(path, lambda f: np.savez(f, **arrays))
 
 
-def _load_chunk(path: Path, n: int, dim: int) -> dict[str, np.ndarray] | None:
+def _load_chunk(path: Path, n: int, dim: int, generate: bool = False) -> dict[str, np.ndarray] | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
     except Exception:  # noqa: BLE001 - a damaged chunk is simply recomputed
         return None
     if arrays.get("vectors") is None or arrays["vectors"].shape != (n, dim) or len(arrays.get("ok", [])) != n:
+        return None
+    if generate and (len(arrays.get("gen_mask", [])) != n or len(arrays.get("gen_text", [])) != n):
         return None
     return arrays
 
@@ -307,14 +316,34 @@ def embed_collection(
     progress: bool = True,
     batch_size: int = 256,
     log: Callable[[str], None] = _log,
+    captions: str = "keep",
+    decoding: Any = None,
 ) -> Embedded:
-    """Embed every item of `coll`, chunk by chunk, reusing finished chunks in `work_dir`."""
+    """Embed every item of `coll`, chunk by chunk, reusing finished chunks in `work_dir`.
+
+    captions="generate": items without a caption get one from the model's caption decoder (a CoCa
+    model; `decoding` is a `Decoding` or its dict), in the same chunk (saved with its vectors), and the
+    rows gain `caption_generated`."""
     if chunk_size < 1:
         raise UserError(f"--chunk-size {chunk_size}: must be at least 1")
+    from xmodal.index import captions as gen_captions
+
+    generate = gen_captions.check_mode(captions) == "generate"
+    dec = None
+    if generate:
+        gen_captions.check_captioner(encoder)
+        dec = gen_captions.decoding_of(decoding)
     work = Path(work_dir)
     n, dim, size = len(coll), int(encoder.dim), int(encoder.image_size)
     fp = _hash(
-        coll.fingerprint, encoder_fingerprint(encoder), size, dim, chunk_size, caption_gallery, thumb_size
+        coll.fingerprint,
+        encoder_fingerprint(encoder),
+        size,
+        dim,
+        chunk_size,
+        caption_gallery,
+        thumb_size,
+        *([gen_captions.decoding_dict(dec)] if generate else []),  # old work folders stay valid for keep
     )
     stamp = work / "work.json"
     try:
@@ -365,7 +394,7 @@ def embed_collection(
         t_start, items_done = time.perf_counter(), 0
         for c, path in enumerate(paths):
             i0, i1 = c * chunk_size, min(n, (c + 1) * chunk_size)
-            arrays = _load_chunk(path, i1 - i0, dim) if c in done else None
+            arrays = _load_chunk(path, i1 - i0, dim, generate) if c in done else None
             if arrays is not None:
                 reused += 1
                 results.append(arrays)
@@ -387,8 +416,17 @@ def embed_collection(
                 "thumb_data": np.frombuffer(blob, dtype=np.uint8),
                 "skipped": np.array(json.dumps(skipped)),
             }
+            gen = [""] * (i1 - i0)
+            if generate:
+                need = ok & np.array([not coll.rows[i]["captions"] for i in range(i0, i1)], dtype=bool)
+                gen = gen_captions.caption_chunk(encoder, images, need, dec, min(batch_size, 64))
+                arrays["gen_mask"] = np.array([bool(t) for t in gen], dtype=bool)
+                arrays["gen_text"] = np.array(gen, dtype=str)
             if caption_gallery:
-                caps = [coll.rows[i]["captions"] if ok[i - i0] else [] for i in range(i0, i1)]
+                caps = [
+                    (coll.rows[i]["captions"] or ([gen[i - i0]] if gen[i - i0] else [])) if ok[i - i0] else []
+                    for i in range(i0, i1)
+                ]
                 flat = [t for cs in caps for t in cs]
                 arrays["cap_count"] = np.array([len(cs) for cs in caps], dtype=np.int64)
                 arrays["cap_vectors"] = (
@@ -422,7 +460,21 @@ def embed_collection(
     for a in results:
         for k, v in json.loads(str(a["skipped"])).items():
             skipped[k] = skipped.get(k, 0) + int(v)
-    rows = [r for r, o in zip(coll.rows, ok_all, strict=True) if o]
+    all_rows = coll.rows
+    generated = 0
+    if generate:
+        # generated captions replace the empty ones (new dicts: the collection's rows stay as read)
+        mask = np.concatenate([a["gen_mask"] for a in results]) if results else np.zeros(0, bool)
+        texts = [str(t) for a in results for t in a["gen_text"].tolist()]
+        all_rows = [
+            {**r, "caption": t, "captions": [t], "caption_generated": True}
+            if g
+            else {**r, "caption_generated": False}
+            for r, g, t in zip(coll.rows, mask, texts, strict=True)
+        ]
+        generated = int((mask & ok_all).sum())
+        log(f"captions generated: {generated} item(s) had none")
+    rows = [r for r, o in zip(all_rows, ok_all, strict=True) if o]
     emb = Embedded(
         rows=rows,
         vectors=vectors,
@@ -431,6 +483,7 @@ def embed_collection(
         skipped=skipped,
         chunks_computed=computed,
         chunks_reused=reused,
+        generated=generated,
     )
     if caption_gallery:
         emb.caption_vectors = (
@@ -441,5 +494,5 @@ def embed_collection(
         for i, cnt in enumerate(counts):
             if cnt:
                 emb.caption_items.extend([int(kept_row[i])] * int(cnt))
-                emb.caption_texts.extend(coll.rows[i]["captions"][: int(cnt)])
+                emb.caption_texts.extend(all_rows[i]["captions"][: int(cnt)])
     return emb

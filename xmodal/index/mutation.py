@@ -41,12 +41,14 @@ class MutationMixin:
         memory; `.save()` writes it. Returns the number of items added (undecodable images are skipped)."""
         import tempfile
 
+        from xmodal.index import captions as gen_captions
         from xmodal.index.embed import embed_collection, to_collection
 
         with self._writing():
             if encoder is not None:
                 self.encoder = encoder
-            coll, _ = to_collection(data)
+            mode, decoding = gen_captions.recorded(self.info)  # generated captions go on for new items
+            coll, _ = to_collection(data, captions=mode)
             dup = [i for i in coll.ids if i in self._row]
             if dup:
                 raise UserError(f"{len(dup)} id(s) already in the index (e.g. {dup[0]!r}); delete them first")
@@ -60,6 +62,8 @@ class MutationMixin:
                     thumb_size=int(self.info.get("thumb_size") or 128),
                     progress=progress,
                     log=log or (lambda m: None),
+                    captions=mode,
+                    decoding=decoding,
                 )
             return self.add_embedded(emb)
 
@@ -108,9 +112,17 @@ class MutationMixin:
                 self._refill_ann()
             else:
                 self._ann_add(new)
+            self._count_generated()
             self.info["count"] = len(self)
             self.info["updated"] = now()
         return len(emb.rows)
+
+    def _count_generated(self) -> None:
+        """index.json's count of generated captions (`index build --captions generate`), kept current."""
+        c = self.info.get("captions")
+        if isinstance(c, dict) and "caption_generated" in self._meta.schema.names:
+            flags = self._meta.column("caption_generated").to_pylist()
+            c["generated"] = sum(1 for f in flags if f)
 
     def delete(self, ids: Sequence[str]) -> int:
         """Remove items by id (unknown ids are ignored). Rebuilds the ANN contents from the kept vectors,
@@ -137,6 +149,7 @@ class MutationMixin:
             self._reindex_ids()
             self._update_hubness(None)
             self._refill_ann()
+            self._count_generated()
             self.info["count"] = len(self)
             self.info["updated"] = now()
         return len(rows)

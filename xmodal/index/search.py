@@ -233,7 +233,17 @@ class SearchMixin:
         out = []
         ids = self.caption_meta.column("id").to_pylist()
         texts = self.caption_meta.column("caption").to_pylist()
+        # `index build --captions generate`: an item whose caption the model made has only that caption
+        flags = (
+            self._meta.column("caption_generated").to_pylist()
+            if "caption_generated" in self._meta.schema.names
+            else None
+        )
         for rank, (s, r) in enumerate(zip(scores[0], rows[0], strict=True), start=1):
             if r >= 0:
-                out.append({"rank": rank, "score": float(s), "id": ids[r], "caption": texts[r]})
+                hit = {"rank": rank, "score": float(s), "id": ids[r], "caption": texts[r]}
+                if flags is not None:
+                    row = self.row_of(ids[r])
+                    hit["caption_generated"] = bool(row is not None and flags[row])
+                out.append(hit)
         return out

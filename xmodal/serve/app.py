@@ -4,6 +4,7 @@ Endpoints (JSON; errors are always `{"error": "..."}` with a 4xx status, never a
     GET  /health                       status, item count, available hubness norms, limits (no key needed)
     GET  /search?q=&k=&norm=&rerank=   text → images (rerank: ITM re-ranking depth, with a fusion head)
     POST /search/image                 multipart `file` (+ form k, norm, target=images|captions, rerank)
+    POST /caption                      multipart `file` → the model's caption of it (CoCa models only)
     GET  /items/{id}                   one item's public metadata (the --expose columns)
     GET  /thumb/{id}                   its JPEG thumbnail (from the index's own thumbnail store)
     GET  /docs                         OpenAPI docs; /openapi.json lists the valid values and every error
@@ -72,6 +73,7 @@ def create_app(
         idx.encoder = encoder
     model_error: str | None = None
     can_rerank = False
+    can_caption: bool | None = None  # unknown until the model loads
     if load_model or rerank:
         try:
             enc = idx.encoder
@@ -82,6 +84,9 @@ def create_app(
             from xmodal.models.fusion import has_fusion
 
             can_rerank = has_fusion(enc.model)
+            from xmodal.models.captioner import is_coca
+
+            can_caption = is_coca(enc.model)
             if rerank and not can_rerank:
                 from xmodal.index.rerank import check_fusion
 
@@ -103,6 +108,8 @@ def create_app(
         rerank=rerank,
         max_rerank=max_rerank,
         can_rerank=can_rerank,
+        can_caption=can_caption,
+        caption_decoding=_caption_decoding(idx.info),
     )
 
     app = FastAPI(title="xmodal search", version="1", description="Cross-modal search over an xmodal index.")
@@ -137,3 +144,12 @@ def create_app(
     app.include_router(build_router(state))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app
+
+
+def _caption_decoding(info: dict[str, Any]) -> dict[str, Any] | None:
+    """POST /caption decodes as the index's generated captions were (`index build --captions generate`
+    records the decoding), else (None) with the captioner's defaults: greedy, ≤ 30 tokens."""
+    c = info.get("captions")
+    if isinstance(c, dict) and c.get("mode") == "generate" and isinstance(c.get("decoding"), dict):
+        return dict(c["decoding"])
+    return None

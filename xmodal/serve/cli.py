@@ -39,7 +39,7 @@ def serve_cmd(
         64, "--max-rerank", help="The largest `rerank` a request may ask for (N fusion passes each)."
     ),
 ) -> None:
-    """Serve an index: JSON API (/search, /search/image, /items, /thumb, /health, /docs) and a web
+    """Serve an index: JSON API (/search, /search/image, /caption, /items, /thumb, /health, /docs) and a web
     page at /. On loopback without --api-key it answers only to loopback Host names (else 400), so that a
     web page cannot reach it through DNS rebinding."""
     from xmodal.index import open_index

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from xmodal.errors import UserError
 
-DEFAULT_EXPOSE = ("id", "caption", "label")
+DEFAULT_EXPOSE = ("id", "caption", "label", "caption_generated")  # those the index has
 # Not blank: a character that str.strip() keeps (\s is the same set in Python's and pydantic's Rust regex,
 # bar \x1c-\x1f, which only str.strip() removes).
 NOT_BLANK = r"[^\s\x1c-\x1f]"
@@ -57,6 +57,9 @@ class ServeState:
     rerank: int = 0  # ITM re-ranking depth of every text query (and image → caption query) by default
     max_rerank: int = 64  # the most a request's `rerank` may ask for: k fusion passes, bounded latency
     can_rerank: bool = False  # the model has a fusion (ITM) head
+    # POST /caption: True/False once the model is loaded (a CoCa model has a caption decoder), None before
+    can_caption: bool | None = None
+    caption_decoding: dict[str, Any] | None = None  # POST /caption's decoding as recorded; None: defaults
     lock: threading.Lock = field(default_factory=threading.Lock)  # one model/search at a time
     text_cache: LRUCache = field(default_factory=lambda: LRUCache(maxsize=1024))  # popular queries repeat
     cache_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -135,6 +138,15 @@ def key_dependency(api_key: str | None) -> list[Any]:
 def need_model(state: ServeState) -> None:
     if state.model_error is not None:
         raise HTTPException(503, f"the index's model is not available on this server: {state.model_error}")
+
+
+def no_caption_decoder(model: Any) -> str:
+    """The 400 of POST /caption on a server whose model cannot caption."""
+    return (
+        f"POST /caption: this server's model has no caption decoder (it is a {type(model).__name__}, "
+        "not a CoCa model); build the index from a CoCa run (xmodal train --model xm-coca-tiny "
+        "--objective clip+caption:2)"
+    )
 
 
 def rerank_depth(state: ServeState, requested: int) -> int:

@@ -21,6 +21,7 @@ from xmodal.serve.deps import (
     enum_of,
     key_dependency,
     need_model,
+    no_caption_decoder,
     public,
     rerank_depth,
 )
@@ -61,6 +62,11 @@ def build_router(state: ServeState) -> APIRouter:
             "norms": {"text": text_norms, "image": image_norms},
             "captions": state.caption_search,
             "rerank": {"available": state.can_rerank, "default": state.rerank, "max": state.max_rerank},
+            # POST /caption: the model's own caption of an uploaded image (a CoCa model)
+            "caption": {
+                "available": bool(state.can_caption) and state.model_error is None,
+                "decoding": caption_decoding() if state.can_caption else None,
+            },
             "fields": list(state.expose),
             "auth": state.api_key is not None,
             "limits": {
@@ -114,6 +120,21 @@ def build_router(state: ServeState) -> APIRouter:
 
     upload_encoding = {"file": {"contentType": ", ".join(MEDIA_TYPES)}}
 
+    def caption_decoding() -> dict[str, Any]:
+        from xmodal.index.captions import decoding_dict
+
+        return decoding_dict(state.caption_decoding)
+
+    async def read_upload(file: UploadFile) -> bytes:
+        """The uploaded bytes, refused over the size limit (413) or empty (400)."""
+        data = await file.read(state.max_upload + 1)
+        await file.close()
+        if len(data) > state.max_upload:
+            raise HTTPException(413, f"file: over {state.max_upload} bytes")
+        if not data:
+            raise HTTPException(400, "file: empty upload")
+        return data
+
     @router.post(
         "/search/image",
         summary="Image → images (or → captions)",
@@ -141,12 +162,7 @@ def build_router(state: ServeState) -> APIRouter:
         norm = check_norm(state, norm, "image") if target == "images" else "none"
         need_model(state)
         depth = rerank_depth(state, rerank) if target == "captions" else 0  # image → image: no ITM
-        data = await file.read(state.max_upload + 1)
-        await file.close()
-        if len(data) > state.max_upload:
-            raise HTTPException(413, f"file: over {state.max_upload} bytes")
-        if not data:
-            raise HTTPException(400, "file: empty upload")
+        data = await read_upload(file)
         t0 = time.perf_counter()
         img = await run_in_threadpool(decode_upload, data, state.max_pixels)
 
@@ -166,6 +182,49 @@ def build_router(state: ServeState) -> APIRouter:
             "target": target,
             "rerank": info,
             "results": [public(h, state.expose) for h in hits[:k]],
+            "took_ms": round(1000 * (time.perf_counter() - t0), 2),
+        }
+
+    @router.post(
+        "/caption",
+        summary="Image → the model's caption (CoCa models)",
+        description="The caption the index's model generates for the uploaded image, decoded as the "
+        "index's generated captions were (else greedy, at most 30 tokens). Only a model with a caption "
+        "decoder (CoCa) can; elsewhere this route is left out of the schema and answers 400.",
+        dependencies=auth,
+        responses=state.errors(400, 413, 422, 503),
+        # a server whose model cannot caption answers every request with 400: no operation to offer
+        include_in_schema=state.can_caption is True,
+        openapi_extra={"requestBody": {"content": {"multipart/form-data": {"encoding": upload_encoding}}}},
+    )
+    async def caption(
+        file: UploadFile = File(..., description=f"The image to caption: {ACCEPTED_NAMES}"),
+    ) -> dict[str, Any]:
+        need_model(state)
+        if state.can_caption is False:  # known from the start: before reading the upload
+            raise HTTPException(400, no_caption_decoder(idx.encoder.model))
+        data = await read_upload(file)
+        t0 = time.perf_counter()
+        img = await run_in_threadpool(decode_upload, data, state.max_pixels)
+
+        def run_caption() -> str:
+            from xmodal.data import resize_center_crop
+            from xmodal.index.captions import decoding_of
+            from xmodal.models.captioner import caption_images, is_coca
+
+            with state.lock:
+                enc = idx.encoder  # loaded here when the server started without it
+                if not is_coca(enc.model):
+                    raise HTTPException(400, no_caption_decoder(enc.model))
+                x = resize_center_crop(img, int(enc.image_size))[None]  # as index build preprocesses
+                return caption_images(enc, x, decoding_of(state.caption_decoding), batch_size=1)[0]
+
+        text = await run_in_threadpool(run_caption)
+        return {
+            "caption": text,
+            "model": (idx.info.get("model") or {}).get("name") or getattr(idx.encoder, "name", None),
+            "decoding": caption_decoding(),
+            "query": {"image": file.filename or "upload", "size": list(img.size)},
             "took_ms": round(1000 * (time.perf_counter() - t0), 2),
         }
 
