@@ -9,26 +9,19 @@ the caption gallery (image → text search) like the collection's own captions. 
 `captions: {"mode": "generate", "generated": N, "decoding": {...}}`, so that `index add` generates
 captions for new items with the same decoding.
 
-The manifest readers of `xmodal.data` drop items without a caption (training needs one); for an image
-folder and a JSONL manifest this module reads those items back (`read_for_captions`). CSV/TSV rows and
-shard samples without a caption are still skipped, as the readers count them.
+The collection is read with `read_records(keep_uncaptioned=True)`, which keeps the items without a caption
+that training would skip (any source: image folders, JSONL, CSV/TSV, shards).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import posixpath
 from dataclasses import asdict, fields
-from pathlib import Path
 from typing import Any
 
 from xmodal.errors import UserError
 
 MODES = ("keep", "generate")
 FLAG = "--captions generate"
-# the reader's skip reasons that `--captions generate` turns into items to caption
-CAPTIONLESS_SKIPS = ("missing_caption", "no_valid_caption")
 
 
 def check_mode(mode: str) -> str:
@@ -95,141 +88,3 @@ def caption_chunk(encoder: Any, images: Any, need: Any, decoding: Any, batch_siz
         for i, t in zip(idx, texts, strict=True):
             out[int(i)] = t.strip()
     return out
-
-
-# -- reading the items the manifest readers drop ------------------------------------------------------
-
-
-def read_for_captions(
-    source: str | Path,
-    *,
-    image_key: str | None = None,
-    caption_key: str | None = None,
-    label_key: str | None = None,
-    stats: Any = None,
-) -> list[Any]:
-    """Like `xmodal.data.read_records`, but an image folder's or a JSONL manifest's items without a
-    caption are kept (with `captions=[]`) instead of skipped. Other sources read as usual."""
-    from xmodal.data import read_records
-    from xmodal.data.records import DataStats, source_kind
-
-    stats = stats if stats is not None else DataStats()
-    kind = source_kind(source)
-    p = Path(source)
-
-    def read(src: Any) -> list[Any]:
-        keys = {"image_key": image_key, "caption_key": caption_key, "label_key": label_key}
-        return read_records(src, **keys, stats=stats)
-
-    if kind == "folder":
-        records = read_records(p, label_key=label_key, stats=stats)
-        extra = _folder_captionless(p, {r.key for r in records}, label_key)
-    elif kind == "jsonl":
-        found = _jsonl_captionless(p, image_key, caption_key, label_key)
-        if found is None:  # a malformed manifest: read_records says what is wrong with it
-            return read(p)
-        extra, all_captionless = found
-        records = [] if all_captionless else read(p)
-        keys = {r.key for r in records}
-        extra = [r for r in extra if r.key not in keys]
-        kept = [r for r in extra if os.path.isfile(r.image)]
-        if len(kept) < len(extra):
-            stats.add("missing_image", len(extra) - len(kept))
-        extra = kept
-    else:
-        return read(source)
-    for reason in CAPTIONLESS_SKIPS:  # those items are indexed now, not skipped
-        stats.counts.pop(reason, None)
-    return records + extra
-
-
-def _folder_captionless(root: Path, have: set[str], label_key: str | None) -> list[Any]:
-    from xmodal.data.records import IMAGE_EXTS, Record, folder_files
-
-    lkey = label_key or "label"
-    out = []
-    for img in folder_files(root):
-        if img.suffix.lower() not in IMAGE_EXTS:
-            continue
-        key = img.relative_to(root).as_posix()
-        if key in have:
-            continue
-        meta = _sidecar(img.with_suffix(".json"))
-        out.append(
-            Record(
-                key,
-                str(img),
-                [],
-                _opt(meta.get(lkey)),
-                _opt(meta.get("lang")),
-                {k: v for k, v in meta.items() if k not in (lkey, "lang")},
-            )
-        )
-    return out
-
-
-def _sidecar(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        return {}
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8-sig"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); fix or delete it") from e
-    return meta if isinstance(meta, dict) else {}
-
-
-def _opt(value: Any) -> str | None:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        return None
-    if isinstance(value, bool) or not isinstance(value, str | int | float):
-        return json.dumps(value, sort_keys=True)
-    return str(value).strip()
-
-
-def _has_caption(value: Any) -> bool:
-    items = value if isinstance(value, list) else [value]
-    return any(isinstance(c, str) and c.strip() for c in items)
-
-
-def _jsonl_captionless(
-    path: Path, image_key: str | None, caption_key: str | None, label_key: str | None
-) -> tuple[list[Any], bool] | None:
-    """(records of the lines without a usable caption, whether every line is one), or None when a line is
-    malformed (read_records then reports it)."""
-    from xmodal.data.records import Record
-
-    ikey, lkey = image_key or "image", label_key or "label"
-    out, n_lines, n_without = [], 0, 0
-    seen: set[str] = set()
-    try:
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-                if not line.strip():
-                    continue
-                obj = json.loads(line)
-                if not isinstance(obj, dict) or not isinstance(obj.get(ikey), str) or not obj[ikey].strip():
-                    return None
-                n_lines += 1
-                ckey = caption_key or ("caption" if "caption" in obj or "captions" not in obj else "captions")
-                if ckey in obj and _has_caption(obj[ckey]):
-                    continue
-                n_without += 1
-                key, abspath = _image_path(path.parent, obj[ikey])
-                if key in seen:
-                    continue
-                seen.add(key)
-                extra = {k: v for k, v in obj.items() if k not in (ikey, ckey, lkey, "lang")}
-                out.append(Record(key, abspath, [], _opt(obj.get(lkey)), _opt(obj.get("lang")), extra))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    return out, bool(n_lines) and n_without == n_lines
-
-
-def _image_path(base: Path, value: str) -> tuple[str, str]:
-    """Manifest image field → (key, absolute path), as the JSONL reader forms them."""
-    p = Path(os.path.expanduser(value))
-    if p.is_absolute():
-        return p.as_posix(), str(p)
-    key = posixpath.normpath(value.replace("\\", "/"))
-    return key, str(base / key)

@@ -242,8 +242,8 @@ def to_collection(
     max_pixels: int = MAX_PIXELS,
     captions: str = "keep",
 ) -> tuple[Collection, dict]:
-    """Anything `build_index` accepts → (Collection, reader skip counts). captions="generate" keeps an
-    image folder's or JSONL manifest's items without a caption (`xmodal.index.captions`)."""
+    """Anything `build_index` accepts → (Collection, reader skip counts). captions="generate" keeps the
+    items without a caption (`xmodal.index.captions` captions them)."""
     if isinstance(data, Collection):
         return data, {}
     if isinstance(data, (str, Path)):
@@ -251,13 +251,14 @@ def to_collection(
         from xmodal.data.records import DataStats
 
         stats = DataStats()
-        if captions == "generate":
-            from xmodal.index.captions import read_for_captions
-
-            read = read_for_captions
-        else:
-            read = read_records
-        records = read(data, image_key=image_key, caption_key=caption_key, label_key=label_key, stats=stats)
+        records = read_records(
+            data,
+            image_key=image_key,
+            caption_key=caption_key,
+            label_key=label_key,
+            stats=stats,
+            keep_uncaptioned=captions == "generate",
+        )
         if not records:
             why = stats.summary() or "it is empty"
             raise UserError(f"{data}: no usable items ({why}); check the image paths and captions")
