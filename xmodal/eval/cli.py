@@ -52,7 +52,9 @@ def register(app: typer.Typer) -> None:
         task: Annotated[
             str,
             typer.Option(
-                "--task", help="comma list of retrieval,zeroshot,probe,hubness,gap,robustness or all"
+                "--task",
+                help="comma list of retrieval,zeroshot,probe,hubness,gap,robustness,captioning or all "
+                "(captioning: CoCa models only)",
             ),
         ] = "retrieval,zeroshot",
         json_out: Annotated[Path | None, typer.Option("--json", help="write results JSON here")] = None,
@@ -123,18 +125,33 @@ def register(app: typer.Typer) -> None:
         blur_sigma: Annotated[float, typer.Option("--blur-sigma")] = 1.0,
         jpeg_quality: Annotated[int, typer.Option("--jpeg-quality")] = 20,
         typo_rate: Annotated[float, typer.Option("--typo-rate")] = 0.3,
+        beam: Annotated[
+            int | None, typer.Option("--beam", help="captioning: beams (default 1 = greedy decoding)")
+        ] = None,
+        max_len: Annotated[
+            int | None,
+            typer.Option("--max-len", help="captioning: longest caption in tokens, start/end included (30)"),
+        ] = None,
+        caption_baseline: Annotated[
+            Path | None,
+            typer.Option(
+                "--caption-baseline",
+                help="captioning: also score each image's nearest caption (ITC) from this training manifest",
+            ),
+        ] = None,
         image_key: Annotated[str | None, typer.Option("--image-key")] = None,
         caption_key: Annotated[str | None, typer.Option("--caption-key")] = None,
         label_key: Annotated[str | None, typer.Option("--label-key")] = None,
         workers: Annotated[int, typer.Option("--workers")] = 0,
         quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     ) -> None:
-        """Evaluate MODEL on --data: retrieval, zero-shot, probe, hubness, modality gap, robustness."""
+        """Evaluate MODEL on --data: retrieval, zero-shot, probe, hubness, modality gap, robustness,
+        captioning."""
         from rich.console import Console
 
         from xmodal.eval import evaluate, parse_tasks, read_templates, write_json
 
-        names, _ = parse_tasks(task)  # fail fast on a bad --task, before loading anything
+        names, is_all = parse_tasks(task)  # fail fast on a bad --task, before loading anything
         if not data.exists():
             raise UserError(f"--data {data}: file not found")
         tmpl = read_templates(templates) if templates is not None else None
@@ -157,6 +174,9 @@ def register(app: typer.Typer) -> None:
             blur_sigma=blur_sigma,
             jpeg_quality=jpeg_quality,
             typo_rate=typo_rate,
+            caption_beam=beam,
+            caption_max_len=max_len,
+            caption_baseline=str(caption_baseline) if caption_baseline is not None else None,
         )
         from xmodal.eval.core import EvalOptions
 
@@ -166,6 +186,9 @@ def register(app: typer.Typer) -> None:
         from xmodal.eval.rerank import check_requests, require_fusion
 
         check_requests(names, rerank, score)
+        from xmodal.eval import captioning
+
+        captioning.check_requests(names, opts["caption_baseline"])
 
         from xmodal.data import load_dataset
         from xmodal.models import load_encoder
@@ -175,6 +198,8 @@ def register(app: typer.Typer) -> None:
             require_fusion(encoder, f"--rerank {rerank}")  # before the data loads
         if score == "itm":
             require_fusion(encoder, "--score itm")
+        if "captioning" in names and not (is_all and caption_baseline is None):
+            captioning.require_decoder(encoder)  # before the data loads
         ds = load_dataset(
             str(data),
             encoder.image_size,

@@ -11,7 +11,7 @@ from xmodal.errors import UserError
 from xmodal.eval.cache import EmbeddingCache
 from xmodal.eval.metrics import TIES
 
-TASKS = ("retrieval", "zeroshot", "probe", "hubness", "gap", "robustness")
+TASKS = ("retrieval", "zeroshot", "probe", "hubness", "gap", "robustness", "captioning")
 POSITIVES = ("caption", "label")
 DEFAULT_TEMPLATES_FILE = Path(__file__).parent / "templates.txt"
 
@@ -49,6 +49,11 @@ class EvalOptions:
     pgd_step_size: float = 1 / 255
     pgd_images: int = 100  # attack a seeded subset of this many images (0 = skip PGD)
     pgd_random_start: bool = True
+    # captioning (CoCa models; xmodal.eval.captioning)
+    caption_beam: int = 1  # beams; 1 = greedy
+    caption_max_len: int = 30  # tokens, start and end token included
+    caption_baseline: str | None = None  # training manifest: also score each image's nearest train caption
+    caption_gallery: int = 24  # images in the report's captioning gallery
     # report
     gallery_queries: int = 6
     progress: bool = False
@@ -59,7 +64,7 @@ class EvalOptions:
         unknown = sorted(set(kw) - names)
         if unknown:
             raise TypeError(f"evaluate() got unknown task options {unknown}; known: {sorted(names)}")
-        keep_none = ("positives", "templates", "hubness_norm", "hubness_bank", "rerank")
+        keep_none = ("positives", "templates", "hubness_norm", "hubness_bank", "rerank", "caption_baseline")
         opts = cls(**{k: v for k, v in kw.items() if v is not None or k in keep_none})
         opts.validate()
         return opts
@@ -93,6 +98,12 @@ class EvalOptions:
             raise UserError(f"--score {self.score}: choose {' or '.join(SCORES)}")
         if self.templates is not None:
             check_templates(self.templates, "templates")
+        if int(self.caption_beam) < 1:
+            raise UserError(f"--beam {self.caption_beam}: give 1 (greedy) or more beams")
+        if int(self.caption_max_len) < 2:
+            raise UserError(f"--max-len {self.caption_max_len}: give at least 2 (start and end token)")
+        if self.caption_baseline is not None and not Path(self.caption_baseline).exists():
+            raise UserError(f"--caption-baseline {self.caption_baseline}: file not found")
         if self.hubness_norm not in (None, "none"):
             from xmodal.index.hubness import METHODS
 

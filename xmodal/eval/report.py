@@ -30,6 +30,10 @@ th{background:#f3f3f3;text-align:left} td.v{text-align:right;font-family:monospa
 .cap{font-size:12px;border:3px solid #ccc;padding:4px;width:150px;min-height:40px}
 .cap.ok{border-color:#1a9a2a;background:#eefbea} .note{color:#777;font-size:12px}
 img.plot{max-width:560px;border:1px solid #eee}
+.cgrid{display:grid;grid-template-columns:repeat(auto-fill,minmax(230px,1fr));gap:10px;margin:10px 0}
+.ccard{border:1px solid #ddd;border-radius:4px;padding:6px;font-size:12px}
+.ccard .gen{font-weight:600;margin:4px 0} .ccard .base{color:#555;margin:2px 0}
+.ccard ul{margin:4px 0;padding-left:16px;color:#444}
 """
 
 
@@ -151,6 +155,7 @@ _HEADLINE = {
     "hubness": ("t2i.skewness", "i2t.skewness"),
     "gap": ("gap", "linear_separability"),
     "robustness": ("typo.t2i_rel_drop", "noise.i2t_rel_drop", "pgd.success_rate"),
+    "captioning": ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "baseline_nearest_train_caption.CIDEr"),
 }
 
 
@@ -223,6 +228,50 @@ def gallery(ctx: EvalContext, n_queries: int, seed: int) -> str:
     return "\n".join(parts)
 
 
+def caption_gallery(ctx: EvalContext, res: dict[str, Any], n: int) -> str:
+    """The captioning metrics (generated vs the nearest-train-caption baseline) and a grid of the first
+    n scored test images: thumbnail, generated caption, baseline caption, the reference captions."""
+    art = ctx.artifacts.get("captioning")
+    if not art:
+        return ""
+    from xmodal.eval.captioning import METRICS
+
+    rows = [("generated", res)]
+    if "baseline_nearest_train_caption" in res:
+        rows.append(("nearest train caption", res["baseline_nearest_train_caption"]))
+    head = "".join(f"<th>{m}</th>" for m in METRICS)
+    body = "".join(
+        f"<tr><th>{html.escape(name)}</th>"
+        + "".join(f"<td class=v>{html.escape(_fmt(r.get(m)))}</td>" for m in METRICS)
+        + "</tr>"
+        for name, r in rows
+    )
+    d = res.get("decoding", {})
+    parts = [
+        "<h2>Captioning</h2>",
+        f"<table><tr><th></th>{head}</tr>{body}</table>",
+        f"<p class=note>{res.get('n_images')} images · decoding: {html.escape(str(d.get('method')))} "
+        f"(beam {d.get('beam')}, max_len {d.get('max_len')}) · tokenizer: "
+        f"{html.escape(str(res.get('tokenizer')))} · BLEU/METEOR/ROUGE-L in [0, 1], CIDEr as "
+        "pycocoevalcap returns it (papers print ×100)</p>",
+    ]
+    parts += [f"<p class=note>{html.escape(str(x))}</p>" for x in res.get("notes", [])]
+    cards = []
+    base = art.get("baseline")
+    for j, i in enumerate(art["ids"][: max(n, 0)]):
+        refs = "".join(f"<li>{html.escape(r)}</li>" for r in art["references"][j])
+        b = f"<div class=base>nearest train caption: {html.escape(base[j])}</div>" if base else ""
+        cards.append(
+            f'<div class=ccard><img class=thumb src="{_data_uri_png(thumbnail(ctx.data.images[i]))}" '
+            f'alt="image {i}"><div class=gen>{html.escape(art["predictions"][j])}</div>{b}'
+            f"<div class=note>references:</div><ul>{refs}</ul></div>"
+        )
+    parts.append(
+        f"<h2>Captioning gallery (first {len(cards)} images)</h2><div class=cgrid>{''.join(cards)}</div>"
+    )
+    return "\n".join(parts)
+
+
 def write_report(report_dir: str | Path, results: dict, ctx: EvalContext) -> Path:
     """Write DIR/results.json, DIR/index.html (self-contained) and the plots as DIR/*.png."""
     out = Path(report_dir)
@@ -251,6 +300,8 @@ def write_report(report_dir: str | Path, results: dict, ctx: EvalContext) -> Pat
     if summary:
         body.append("<h2>summary</h2>" + _html_table(summary))
     body.append(gallery(ctx, ctx.options.gallery_queries, ctx.options.seed))
+    if isinstance(results.get("captioning"), dict) and "skipped" not in results["captioning"]:
+        body.append(caption_gallery(ctx, results["captioning"], ctx.options.caption_gallery))
     for task, res in results.items():
         if task == "meta":
             continue

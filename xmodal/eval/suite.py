@@ -34,6 +34,20 @@ def parse_tasks(tasks: str | Sequence[str]) -> tuple[list[str], bool]:
     return [t for t in TASKS if t in items], False
 
 
+def captioning_requests(encoder: Any, names: list[str], is_all: bool, baseline: str | None) -> list[str]:
+    """Captioning needs a caption decoder (CoCa): asked for by name on another model it is an error;
+    "all" means every task the model can do, so there it is left out (unless --caption-baseline asks)."""
+    from xmodal.eval import captioning
+
+    if "captioning" in names:
+        if is_all and baseline is None and not captioning.has_decoder(encoder):
+            names = [n for n in names if n != "captioning"]
+        else:
+            captioning.require_decoder(encoder)
+    captioning.check_requests(names, baseline)
+    return names
+
+
 def jsonable(x: Any) -> Any:
     """Plain JSON types: numpy scalars → Python, NaN/inf → null, tuples → lists."""
     if isinstance(x, dict):
@@ -79,6 +93,7 @@ def evaluate(
     from xmodal.eval.rerank import check_requests, require_fusion
 
     check_requests(names, opts.rerank, opts.score)
+    names = captioning_requests(encoder, names, is_all, opts.caption_baseline)
     if opts.rerank is not None:
         require_fusion(encoder, f"--rerank {opts.rerank}")
     if opts.score == "itm":
