@@ -201,21 +201,9 @@ def _load_chunk(path: Path, n: int) -> dict[str, Any] | None:
 
 
 def _progress_bar(progress: bool):
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from xmodal.index.embed import progress_bar
 
-    console = Console(stderr=True)
-    return Progress(
-        TextColumn("[bold]captioning"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("images"),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not (progress and console.is_terminal),
-    )
+    return progress_bar("captioning", "images", progress)
 
 
 def caption_manifest(

@@ -273,6 +273,25 @@ def to_collection(
 # -- the chunked embedding loop ------------------------------------------------------------------------
 
 
+def progress_bar(verb: str, unit: str, enabled: bool):
+    """The chunked loops' rich progress line on stderr (count, rate, ETA); off without a terminal."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    return Progress(
+        TextColumn(f"[bold]{verb}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(unit),
+        TextColumn("{task.fields[rate]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        disable=not (enabled and console.is_terminal),
+    )
+
+
 def encoder_fingerprint(encoder: Any) -> str:
     """Identifies the weights cheaply: a checksum of every parameter tensor's sum and shape."""
     h = hashlib.sha256()
@@ -373,21 +392,7 @@ def embed_collection(
     )
     delay = float(os.environ.get(TEST_DELAY_ENV, "0") or 0)
 
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    console = Console(stderr=True)
-    bar = Progress(
-        TextColumn("[bold]embedding"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("items"),
-        TextColumn("{task.fields[rate]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not (progress and console.is_terminal),
-    )
+    bar = progress_bar("embedding", "items", progress)
     results: list[dict[str, np.ndarray]] = []
     computed = reused = 0
     with bar:
