@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, run_cli, write_tiny_manifest
+from conftest import REPO, run_in_process, write_tiny_manifest
 
 from xmodal.index import open_index
 from xmodal.index.embed import TEST_DELAY_ENV
@@ -19,7 +19,7 @@ def test_sigkill_during_build_then_resume(tmp_path):
     small = write_tiny_manifest(tmp_path / "small", n=6, seed=1)
     big = write_tiny_manifest(tmp_path / "big", n=40, seed=2)
     out = tmp_path / "idx"
-    run_cli("index", "build", "xm-micro", "--data", str(small), "--out", str(out), "--no-progress")
+    run_in_process("index", "build", "xm-micro", "--data", str(small), "--out", str(out), "--no-progress")
     assert len(open_index(out)) == 6
 
     cmd = [
@@ -67,7 +67,7 @@ def test_sigkill_during_build_then_resume(tmp_path):
     chunks = sorted((tmp_path / "idx.work").glob("chunk_*.npz"))
     assert len(chunks) >= 3
 
-    rerun = run_cli(
+    rerun = run_in_process(  # only the killed build needs a real process
         "index",
         "build",
         "xm-micro",

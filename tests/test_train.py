@@ -12,7 +12,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, run_cli
+from tests.conftest import REPO, run_in_process
 from xmodal.train.config import TrainConfig
 from xmodal.train.trainer import Trainer
 
@@ -61,7 +61,7 @@ def test_resume_after_sigkill_reproduces_the_loss_curve(tiny_manifest, tmp_path)
         "0.2",
     ]
     ref = tmp_path / "ref"
-    run_cli(*common, "--out", str(ref))
+    run_in_process(*common, "--out", str(ref))  # the reference and the resume need no real process
 
     crashed = tmp_path / "crashed"
     proc = subprocess.Popen(
@@ -81,7 +81,7 @@ def test_resume_after_sigkill_reproduces_the_loss_curve(tiny_manifest, tmp_path)
     killed_at = max(losses(crashed))
     assert 6 <= killed_at < 15
 
-    run_cli(*common, "--out", str(crashed), "--resume")
+    run_in_process(*common, "--out", str(crashed), "--resume")
     a, b = losses(ref), losses(crashed)
     assert sorted(a) == sorted(b) == list(range(1, 16))
     for step in a:
@@ -103,11 +103,11 @@ def test_fresh_run_refuses_to_overwrite_and_resume_of_finished_run_is_a_no_op(ti
         "--out",
         str(out),
     ]
-    run_cli(*args)
-    p = run_cli(*args, check=False)
+    run_in_process(*args)
+    p = run_in_process(*args, check=False)
     assert p.returncode == 2 and "--resume" in p.stderr and "Traceback" not in p.stderr
     before = losses(out)
-    run_cli(*args, "--resume")
+    run_in_process(*args, "--resume")
     assert losses(out) == before
 
 
@@ -151,7 +151,7 @@ def test_two_process_gloo_equals_single_process(tiny_manifest, tmp_path, objecti
         "0.1",
     ]
     single, double = tmp_path / "single", tmp_path / "double"
-    run_cli(*common, "--out", str(single))
+    run_in_process(*common, "--out", str(single))  # only the 2-process run needs real processes
     proc = subprocess.run(
         [
             sys.executable,
@@ -231,7 +231,7 @@ def test_yaml_config_flags_win_and_run_dir_contents(tiny_manifest, tmp_path):
         yaml.safe_dump({"batch_size": 4, "steps": 3, "lr": 0.01, "model": "xm-micro", "precision": "fp32"})
     )
     out = tmp_path / "run"
-    run_cli(
+    run_in_process(
         "train",
         "--config",
         str(conf),
@@ -300,7 +300,7 @@ def test_bad_input_is_one_line_error(tiny_manifest, tmp_path, args, needle):
     base = ["train", "--out", str(tmp_path / "r"), "--steps", "1", "--no-progress"]
     if "--data" not in args:
         base += ["--data", str(tiny_manifest)]
-    p = run_cli(*base, *args, check=False)
+    p = run_in_process(*base, *args, check=False)
     assert p.returncode == 2
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and needle in err[0] and "Traceback" not in p.stderr, p.stderr

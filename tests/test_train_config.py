@@ -8,7 +8,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli, write_tiny_manifest
+from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli, run_in_process, write_tiny_manifest
 from xmodal.errors import UserError
 from xmodal.train import cli
 from xmodal.train.config import FIELD_NAMES, resolve_config
@@ -34,6 +34,8 @@ def test_yaml_values_are_converted_to_the_field_type_or_rejected_by_key(tmp_path
 
 
 def test_yaml_type_error_is_one_line_on_the_command_line(tiny_manifest, tmp_path):
+    # a real `python -m xmodal` process: the entry point's one-line contract for `train` (nothing printed
+    # at import, no traceback); the other refusals below run the same entry point in this process
     conf = tmp_path / "c.yaml"
     conf.write_text("lr: fast\n")
     p = run_cli(
@@ -66,7 +68,7 @@ def test_every_config_field_has_a_flag():
 
 def test_new_flags_reach_the_run(tiny_manifest, tmp_path):
     out = tmp_path / "r"
-    run_cli(
+    run_in_process(
         "train",
         "--data",
         str(tiny_manifest),
@@ -109,7 +111,7 @@ if not torch.cuda.is_available():
 
 @pytest.mark.parametrize("args, needle", BAD)
 def test_bad_values_are_one_line_errors(tiny_manifest, tmp_path, args, needle):
-    p = run_cli(
+    p = run_in_process(
         "train",
         "--data",
         str(tiny_manifest),
@@ -126,7 +128,7 @@ def test_bad_values_are_one_line_errors(tiny_manifest, tmp_path, args, needle):
 
 def test_val_without_eval_every_evaluates_at_the_end(tiny_manifest, tmp_path):
     out = tmp_path / "r"
-    run_cli(
+    run_in_process(
         "train",
         "--data",
         str(tiny_manifest),
@@ -147,7 +149,7 @@ def test_resume_without_checkpoint_refuses_and_keeps_metrics(tiny_manifest, tmp_
     out = tmp_path / "r"
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
-    p = run_cli(
+    p = run_in_process(
         "train",
         "--data",
         str(tiny_manifest),
@@ -166,16 +168,16 @@ def test_resume_without_checkpoint_refuses_and_keeps_metrics(tiny_manifest, tmp_
 def test_resume_of_a_different_run_is_refused_unless_overridden(tiny_manifest, tmp_path):
     out = tmp_path / "r"
     base = ["train", "--data", str(tiny_manifest), *MICRO_TRAIN, "--out", str(out)]
-    run_cli(*base, "--steps", "2")
+    run_in_process(*base, "--steps", "2")
     other = write_tiny_manifest(tmp_path / "other", seed=1)
     for args, needle in [
         (["--batch-size", "4"], "--batch-size"),
         (["--seed", "1"], "--seed"),
         (["--data", str(other)], "--data"),
     ]:
-        p = run_cli(*base, "--steps", "3", "--resume", *args, check=False)
+        p = run_in_process(*base, "--steps", "3", "--resume", *args, check=False)
         assert_one_line_error(p, needle)
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 2
-    run_cli(*base, "--steps", "3", "--resume", "--seed", "1", "--resume-override")
+    run_in_process(*base, "--steps", "3", "--resume", "--seed", "1", "--resume-override")
     assert json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
-    run_cli(*base, "--steps", "4", "--resume")  # the same run resumes as before
+    run_in_process(*base, "--steps", "4", "--resume")  # the same run resumes as before
