@@ -195,3 +195,13 @@ def test_two_process_fsdp_equals_one_process_with_sycoca(tiny_manifest, tmp_path
         for name in ("clip", "caption", "tgmim"):
             assert math.isclose(terms(single)[step][name], terms(double)[step][name], abs_tol=1e-5)
     assert max_weight_diff(single, double) < 1e-5
+
+
+def test_the_decoder_is_initialised():
+    """open_clip's MultimodalTransformer never runs its init_parameters: its vocabulary projection is
+    torch.empty (uninitialised memory; NaN losses in some runs). build_model initialises it."""
+    a, b = (build_model(ModelSpec(name="xm-coca-tiny")).text_decoder for _ in range(2))
+    for d in (a, b):
+        assert d.text_projection.isfinite().all()
+        assert d.text_projection.std().item() == pytest.approx(d.width**-0.5, rel=0.05)
+    assert not torch.equal(a.text_projection, b.text_projection)  # drawn from the RNG, not a constant

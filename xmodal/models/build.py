@@ -121,7 +121,11 @@ def build_model(
             "the fusion objectives (itm, mlm, mod) need a CLIP model; a CoCa model has its own multimodal "
             "decoder: train it with --objective clip+caption"
         )
-    model = CoCa(**cfg) if is_coca_config(cfg) else (CustomTextCLIP if custom else CLIP)(**cfg)
+    if is_coca_config(cfg):
+        model = CoCa(**cfg)
+        init_coca_decoder(model.text_decoder)
+    else:
+        model = (CustomTextCLIP if custom else CLIP)(**cfg)
     if spec.pretrained:
         try:  # weights_only: a file holding other pickled objects is refused, never executed
             open_clip.load_checkpoint(model, spec.pretrained, strict=True, weights_only=True)
@@ -137,6 +141,22 @@ def build_model(
             ) from e
     _lock(model, spec)
     return _with_heads(model, fusion, tgmim)
+
+
+@torch.no_grad()
+def init_coca_decoder(decoder: torch.nn.Module) -> None:
+    """Initialise CoCa's multimodal decoder as open_clip means to. Its `MultimodalTransformer` never calls
+    its own `init_parameters` (which reads `self.transformer`, an attribute it lacks), so the vocabulary
+    projection stays `torch.empty`: uninitialised memory, NaN or huge in some runs. These are the stds
+    that method intends (the text tower's scheme)."""
+    width, layers = decoder.width, decoder.layers
+    proj_std, attn_std, fc_std = (width**-0.5) * ((2 * layers) ** -0.5), width**-0.5, (2 * width) ** -0.5
+    for block in [*decoder.resblocks, *decoder.cross_attn]:
+        torch.nn.init.normal_(block.attn.in_proj_weight, std=attn_std)
+        torch.nn.init.normal_(block.attn.out_proj.weight, std=proj_std)
+        torch.nn.init.normal_(block.mlp.c_fc.weight, std=fc_std)
+        torch.nn.init.normal_(block.mlp.c_proj.weight, std=proj_std)
+    torch.nn.init.normal_(decoder.text_projection, std=width**-0.5)
 
 
 def _with_heads(
