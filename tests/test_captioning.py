@@ -27,6 +27,7 @@ from xmodal.models.captioner import (
     coca_encode,
     generate,
     ids_to_text,
+    linear_cross_entropy_sum,
     token_relevance,
 )
 from xmodal.objectives.captioning import Caption, TgMim
@@ -66,7 +67,7 @@ def test_caption_loss_is_the_cross_entropy_over_real_labels(coca):
             if y != 0:
                 total -= full[b, t].log_softmax(-1)[y].item()
                 n += 1
-    assert n == int((ids[:, 1:] != 0).sum()) and len(out.labels) == n
+    assert n == int((ids[:, 1:] != 0).sum()) and out.n_labels == n
     ours = Caption().terms(_features(img, txt, out))["caption"].item()
     assert ours == pytest.approx(total / n, rel=1e-5)
     ref = open_clip.loss.CoCaLoss(caption_loss_weight=1.0, clip_loss_weight=0.0)
@@ -94,8 +95,9 @@ def test_attentive_masking_and_tgmim_equal_brute_force(coca):
         _, _, out = caption_forward(model, pixels, ids, drop_low=0.5, mim_ratio=0.25)
         keep = [sorted(range(n), key=lambda j: -rel[b, j].item())[: n - round(0.5 * n)] for b in range(2)]
         kept = torch.stack([image_embs[b, keep[b]] for b in range(2)])
-        logits, _ = caption_logits(model, kept, token_embs, ids)
-        assert torch.allclose(out.logits, logits, atol=1e-5)
+        logits, labels = caption_logits(model, kept, token_embs, ids)
+        ref = F.cross_entropy(logits, labels, reduction="sum")
+        assert out.loss_sum.item() == pytest.approx(ref.item(), rel=1e-5)
         # r_h = 0.25: the most relevant quarter is masked; the targets are those tokens
         m = round(0.25 * n)
         top = [set(sorted(range(n), key=lambda j: -rel[b, j].item())[:m]) for b in range(2)]
@@ -105,6 +107,30 @@ def test_attentive_masking_and_tgmim_equal_brute_force(coca):
     ln = [(t - t.mean()) / torch.sqrt(t.var(unbiased=False) + 1e-5) for t in out.mim_target.double()]
     ref = sum(((p.double() - q) ** 2).sum().item() for p, q in zip(out.mim_pred, ln, strict=True))
     assert loss == pytest.approx(ref / out.mim_pred.numel(), rel=1e-4)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_equals_the_unfused_loss_and_gradients(autocast):
+    """The chunked loss (logits never stored) against `F.cross_entropy(h @ w)`, in float32 and under bf16
+    autocast (where both run the matmuls in bf16)."""
+    g = torch.Generator().manual_seed(4)
+    h0, w0 = torch.randn(37, 16, generator=g), torch.randn(16, 301, generator=g)
+    y = torch.randint(0, 301, (37,), generator=g)
+    grads, values = [], []
+    for fused in (True, False):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            if fused:
+                loss = linear_cross_entropy_sum(h, w, y, chunk=8)  # chunks that do not divide 37
+            else:
+                loss = F.cross_entropy((h @ w).float(), y, reduction="sum")
+        (2.5 * loss).backward()
+        values.append(loss.item())
+        grads.append((h.grad, w.grad))
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-5, atol=1e-5)
+    assert values[0] == pytest.approx(values[1], rel=tol["rtol"])
+    for a, b in zip(*grads, strict=True):
+        assert a.dtype == b.dtype == torch.float32 and torch.allclose(a, b, **tol)
 
 
 def _logprob(model, pixels, ids) -> float:

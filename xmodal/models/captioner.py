@@ -7,7 +7,8 @@ attentional pooler. Two things here differ from calling open_clip's `forward` / 
 same results:
 
 * the vocabulary projection (width × 49,408, the largest matmul of a small CoCa) runs only where a label
-  counts — at non-padding positions in training, at the last position when decoding;
+  counts — at non-padding positions in training, at the last position when decoding — and in training
+  the loss and its gradient come from one chunked pass that never stores the logits;
 * decoding works on the rows still running, and beam search is our own (open_clip's needs
   `transformers.BeamSearchScorer`, which recent transformers releases no longer have).
 
@@ -80,15 +81,64 @@ def _vocab(decoder: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return h @ decoder.text_projection
 
 
-def caption_logits(
+def caption_hidden(
     model: nn.Module, image_embs: torch.Tensor, token_embs: torch.Tensor, ids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Teacher forcing: (logits n×V, labels n) at the positions whose label is not open_clip's pad id.
-    Position t sees the caption up to token t and predicts token t+1, as `CoCa.forward` pairs them."""
+    """Teacher forcing: (decoder states n×W, labels n) at the positions whose label is not open_clip's pad
+    id. Position t sees the caption up to token t and predicts token t+1, as `CoCa.forward` pairs them."""
     labels = ids[:, 1:]
     keep = labels != model.pad_id
     h = decoder_hidden(model.text_decoder, image_embs, token_embs[:, :-1])
-    return _vocab(model.text_decoder, h[keep]), labels[keep]
+    return h[keep], labels[keep]
+
+
+def caption_logits(
+    model: nn.Module, image_embs: torch.Tensor, token_embs: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits n×V, labels n) at the counted positions (see `caption_hidden`)."""
+    h, labels = caption_hidden(model, image_embs, token_embs, ids)
+    return _vocab(model.text_decoder, h), labels
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Σ_i −log softmax(h_i W)_{y_i} and its gradients in one pass over chunks of rows: the n×V logits
+    (V = 49,408) are never kept, and the softmax's gradient is formed in place. The matmuls run in the
+    autocast dtype where autocast is on (as `h @ W` would), the softmax in float32."""
+
+    @staticmethod
+    def forward(ctx, h, w, labels, dtype, chunk):  # noqa: D102
+        need = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        wd = w.to(dtype)
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty(h.shape, dtype=dtype, device=h.device) if need else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need else None
+        for i in range(0, len(h), chunk):
+            hc, y = h[i : i + chunk].to(dtype), labels[i : i + chunk]
+            z = (hc @ wd).float()
+            lse = z.logsumexp(dim=-1)
+            total += (lse - z.gather(1, y[:, None]).squeeze(1)).sum()
+            if need:
+                z.sub_(lse[:, None]).exp_()  # softmax
+                z[torch.arange(len(y), device=z.device), y] -= 1.0  # − one-hot: d loss / d logits
+                g = z.to(dtype)
+                grad_h[i : i + chunk] = g @ wd.T
+                grad_w += (hc.T @ g).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = (h.dtype, w.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad).to(ctx.dtypes[0]), (grad_w * grad).to(ctx.dtypes[1]), None, None, None
+
+
+def linear_cross_entropy_sum(h: torch.Tensor, w: torch.Tensor, labels: torch.Tensor, chunk: int = 256):
+    """`F.cross_entropy(h @ w, labels, reduction="sum")` without materialising the logits."""
+    dev = h.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h.dtype
+    with torch.autocast(dev, enabled=False):
+        return _LinearCrossEntropy.apply(h, w, labels, dtype, chunk)
 
 
 # -- decoding -------------------------------------------------------------------------------------
@@ -345,8 +395,8 @@ def token_relevance(model: nn.Module, image_embs: torch.Tensor, token_embs: torc
 class CaptionOut:
     """What the captioning objectives read from one training pass."""
 
-    logits: torch.Tensor  # n×V at the positions whose label counts
-    labels: torch.Tensor  # n
+    loss_sum: torch.Tensor  # Σ of the caption cross-entropy over the positions whose label counts
+    n_labels: int  # how many positions those are
     mim_pred: torch.Tensor | None = None  # m×W, TG-MIM's rebuilt image tokens
     mim_target: torch.Tensor | None = None  # m×W, the image tokens they replace (no gradient)
 
@@ -371,8 +421,8 @@ def caption_forward(
         keep = max(1, n - round(drop_low * n))
         idx = rel.topk(keep, dim=1).indices
         cap_embs = image_embs.gather(1, idx[..., None].expand(-1, -1, image_embs.shape[-1]))
-    logits, labels = caption_logits(model, cap_embs, token_embs, ids)
-    out = CaptionOut(logits, labels)
+    h, labels = caption_hidden(model, cap_embs, token_embs, ids)
+    out = CaptionOut(linear_cross_entropy_sum(h, model.text_decoder.text_projection, labels), len(labels))
     if mim_ratio:
         m = max(1, round(mim_ratio * n))
         masked = torch.zeros_like(rel, dtype=torch.bool).scatter_(1, rel.topk(m, dim=1).indices, True)

@@ -61,12 +61,11 @@ class Caption(Objective):
         out = f.caption
         if out is None:
             raise ValueError("caption needs the CoCa pass's outputs (the trainer provides them)")
-        n_global = int(gather(torch.tensor([len(out.labels)], device=out.logits.device)).sum())
+        n_global = int(gather(torch.tensor([out.n_labels], device=out.loss_sum.device)).sum())
         if n_global == 0:
-            return {"caption": out.logits.sum() * 0.0}
-        loss = F.cross_entropy(out.logits.float(), out.labels, reduction="sum")
+            return {"caption": out.loss_sum * 0.0}
         ranks = len(f.all_image) // len(f.image)
-        return {"caption": loss * ranks / n_global}
+        return {"caption": out.loss_sum * ranks / n_global}
 
 
 @dataclass
