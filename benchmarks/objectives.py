@@ -149,6 +149,7 @@ METRICS: tuple[tuple[str, tuple[str, ...], bool | None], ...] = (
     # (greedy) when the run trained a caption objective, and the nearest training caption by the run's ITC
     ("CIDEr", ("captioning", "CIDEr"), True),
     ("BLEU-4", ("captioning", "BLEU-4"), True),
+    ("CIDEr beam 3", ("captioning_beam3", "CIDEr"), True),
     ("CIDEr nearest train caption", ("captioning_baseline", "CIDEr"), True),
     ("BLEU-4 nearest train caption", ("captioning_baseline", "BLEU-4"), True),
 )
@@ -669,8 +670,9 @@ def evaluate_run(
 
 
 def captioning_eval(enc, run: Path, ds: DataSet, test, n: int) -> dict:
-    """CIDEr/BLEU of the run's greedy captions (only if it trained a caption objective: an untrained
-    decoder's output means nothing) and of the nearest-training-caption baseline, on the first n images."""
+    """CIDEr/BLEU of the run's greedy (and beam-3) captions, only if it trained a caption objective (an
+    untrained decoder's output means nothing), and of the nearest-training-caption baseline, on the first
+    n test images."""
     import yaml
 
     from xmodal.eval.captioning import caption_metrics, nearest_caption_baseline
@@ -687,6 +689,8 @@ def captioning_eval(enc, run: Path, ds: DataSet, test, n: int) -> dict:
         out["captioning"] = caption_metrics(dict(enumerate(gen)), refs)
         out["captioning"]["ms_per_image"] = 1000 * (time.perf_counter() - t0) / len(images)
         out["captioning"]["examples"] = [[gen[i], nearest[i], refs[i][0]] for i in range(min(3, len(gen)))]
+        beam = caption_images(enc, images, Decoding(beam=3))
+        out["captioning_beam3"] = caption_metrics(dict(enumerate(beam)), refs)
     return out
 
 
