@@ -375,14 +375,12 @@ def attach_tgmim(model: nn.Module, cfg: dict[str, Any] | None) -> TgMimDecoder:
     return model.tgmim
 
 
-def _project(x: torch.Tensor, proj: Any) -> torch.Tensor:
-    return proj(x) if isinstance(proj, nn.Module) else x @ proj
-
-
 @torch.no_grad()
 def token_relevance(model: nn.Module, image_embs: torch.Tensor, token_embs: torch.Tensor, ids: torch.Tensor):
     """SyCoCa's attentive masking score, b×N: each image token's highest cosine similarity to a word of
     its caption, both in the contrastive space (the towers' own projections; no gradient)."""
+    from xmodal.models.tokens import _project
+
     v = F.normalize(_project(image_embs, model.visual.proj).float(), dim=-1)
     t = F.normalize(_project(model.text.ln_final(token_embs), model.text.text_projection).float(), dim=-1)
     words = (ids != model.pad_id) & (ids != SOT) & (ids != EOT)
