@@ -1,0 +1,1 @@
+"""Distillation: smaller students made from trained teachers."""
