@@ -22,6 +22,7 @@ _STAGES = (
     "xmodal.data.cli",
     "xmodal.objectives.cli",
     "xmodal.train.cli",
+    "xmodal.distill.cli",
     "xmodal.eval.cli",
     "xmodal.index.cli",
     "xmodal.serve.cli",

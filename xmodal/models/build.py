@@ -108,13 +108,14 @@ def build_model(
     cfg.pop("custom_text", None)
     fusion = cfg.pop("fusion", None)  # xmodal's fusion encoder: attached after the open_clip towers
     tgmim = cfg.pop("tgmim", None)  # SyCoCa's TG-MIM image decoder (a CoCa training aid), likewise
+    feature_proj = cfg.pop("feature_proj", None)  # `feature` distillation's map into a teacher's space
     if "hf_model_name" in cfg["text_cfg"]:
         cfg["text_cfg"]["hf_model_pretrained"] = load_hf_weights and not spec.pretrained
     if spec.pretrained and not Path(spec.pretrained).is_file():
         if open_clip.get_pretrained_cfg(spec.name, spec.pretrained):  # hub tag: needs internet
             model = open_clip.create_model(spec.name, pretrained=spec.pretrained)
             _lock(model, spec)
-            return _with_heads(model, fusion, tgmim)
+            return _with_heads(model, fusion, tgmim, feature_proj)
         raise UserError(f"--pretrained {spec.pretrained}: file not found")
     if is_coca_config(cfg) and fusion is not None:
         raise UserError(
@@ -140,7 +141,7 @@ def build_model(
                 f"--pretrained {spec.pretrained}: does not fit --model {spec.name} ({first})"
             ) from e
     _lock(model, spec)
-    return _with_heads(model, fusion, tgmim)
+    return _with_heads(model, fusion, tgmim, feature_proj)
 
 
 @torch.no_grad()
@@ -160,7 +161,10 @@ def init_coca_decoder(decoder: torch.nn.Module) -> None:
 
 
 def _with_heads(
-    model: torch.nn.Module, fusion: dict[str, Any] | None, tgmim: dict[str, Any] | None
+    model: torch.nn.Module,
+    fusion: dict[str, Any] | None,
+    tgmim: dict[str, Any] | None,
+    feature_proj: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     if fusion is not None:
         from xmodal.models.fusion import attach_fusion
@@ -170,6 +174,8 @@ def _with_heads(
         from xmodal.models.captioner import attach_tgmim
 
         attach_tgmim(model, tgmim)
+    if feature_proj is not None:  # a training aid like TG-MIM: export leaves it out
+        model.feature_proj = torch.nn.Linear(model.visual.output_dim, int(feature_proj["dim"]), bias=False)
     return model
 
 

@@ -3,6 +3,7 @@
 from xmodal.objectives import (  # noqa: F401  (importing a family registers its objectives)
     captioning,
     contrastive,
+    distillation,
     geometry,
     late_interaction,
     masked_lm,

@@ -107,19 +107,25 @@ class Batcher:
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
+    def local_rows(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sample indices, flat caption indices) of this rank's rows at `step`, as `get` takes them."""
+        start = self.dist.rank * self.local_batch
+        rows = slice(start, start + self.local_batch)
+        return self.indices(step)[rows], self.caption_index(step)[rows]
+
+    def texts(self, step: int) -> list[str]:
+        """This rank's captions at `step` as `get` tokenises them (augmented where text augmentation is on)."""
+        start = self.dist.rank * self.local_batch
+        _, cap_idx = self.local_rows(step)
+        if not self.text_augmented:
+            return [self.flat_captions[c] for c in cap_idx.tolist()]
+        return [
+            self.augment_text(self.flat_captions[c], step, start + i) for i, c in enumerate(cap_idx.tolist())
+        ]
+
     def get(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(uint8 images b×3×S×S, tokens b×L, label ids b) for this rank at `step`. Every random choice is
         made for the whole global batch (or per global position), so ranks see exactly their slice of it."""
-        idx, caps = self.indices(step), self.caption_index(step)
-        start = self.dist.rank * self.local_batch
-        rows = slice(start, start + self.local_batch)
-        local, cap_idx = idx[rows], caps[rows]
-        if self.tokens is not None:
-            tokens = self.tokens[cap_idx]
-        else:
-            texts = [
-                self.augment_text(self.flat_captions[c], step, start + i)
-                for i, c in enumerate(cap_idx.tolist())
-            ]
-            tokens = self.tokenizer(texts)
+        local, cap_idx = self.local_rows(step)
+        tokens = self.tokens[cap_idx] if self.tokens is not None else self.tokenizer(self.texts(step))
         return self.data.images[local], tokens, self.label_ids[local]

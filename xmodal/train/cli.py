@@ -92,9 +92,15 @@ def train(
 ) -> None:
     """Train an image-text embedding model."""
     overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "resume_override")}
+    run_training(config, resume, resume_override, overrides)
+
+
+def run_training(config: str | None, resume: bool, resume_override: bool, overrides: dict) -> None:
+    """`train`'s body, shared with `distill`: options resolved (a resumed run's own first), then fit."""
     from xmodal.train.config import load_run_config, resolve_config
     from xmodal.train.trainer import Trainer
 
+    out = overrides.get("out")
     saved = None
     if resume and out and config is None and (Path(out) / "config.yaml").is_file():
         saved = load_run_config(Path(out))["train"]  # the run's own options; flags given now win

@@ -35,6 +35,14 @@ class TrainConfig:
     # objectives by name, composed by weight: "clip", "clip+uniformity:0.1(t=3)" (`xmodal objectives`);
     # in YAML also a list of {name, weight, params} (key `objectives`)
     objective: str | list = "clip"
+    # distillation (`xmodal distill`): a frozen teacher for the objectives that need one (affinity, feature)
+    teacher: str | None = (
+        None  # an xmodal run, an open_clip export folder, or a config with teacher_pretrained
+    )
+    teacher_pretrained: str | None = None  # local weights for a teacher given as a config
+    teacher_cache: str = (
+        "auto"  # auto: cache its training-set features unless augmentation forbids | on | off
+    )
     # optimisation
     batch_size: int = 128  # global batch (all ranks, all accumulation steps): the set of negatives
     accum_steps: int = 1  # micro-batches per step; features are cached so negatives stay the full batch
@@ -81,6 +89,7 @@ FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
 PROBABILITIES = ("aug_flip", "aug_word_drop")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+TEACHER_CACHE = ("auto", "on", "off")
 
 
 def _flag(name: str) -> str:
@@ -219,6 +228,10 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise UserError(f"{_flag(name)} {getattr(cfg, name)}: Adam's betas are in [0, 1)")
+    if cfg.teacher_cache not in TEACHER_CACHE:
+        raise UserError(f"--teacher-cache {cfg.teacher_cache}: use {', '.join(TEACHER_CACHE)}")
+    if cfg.teacher_pretrained and not cfg.teacher:
+        raise UserError("--teacher-pretrained needs --teacher (the config those weights belong to)")
     if cfg.eval_every and not cfg.val:
         raise UserError("--eval-every needs --val (a validation manifest)")
 

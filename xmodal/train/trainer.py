@@ -110,6 +110,7 @@ class Trainer:
             raise UserError(f"--objective {names} cannot run on cached features; use --accum-steps 1")
         for k, v in self.objective.model_init.items():  # e.g. SigLIP's initial temperature and bias
             self.model_cfg.setdefault(k, v)
+        self.distill_teacher = self._load_teacher(cfg) if cfg.teacher else None
         # a teacher is the initial model, pretrained weights included, so a resumed run rebuilds it too
         self.model = build_model(
             self.spec, self.model_cfg, load_hf_weights=self.resume_state is None or "teacher" in self.needs
@@ -131,7 +132,7 @@ class Trainer:
         # their dropout off until the first validation switched it on
         self.model.to(self.device).train()
         # frozen copies, in eval mode (no dropout: the targets they give are deterministic)
-        self.teacher = self._frozen_copy() if "teacher" in self.needs else None
+        self.teacher = self._frozen_copy() if "teacher" in self.needs and not self.distill_teacher else None
         self.momentum_model = self._frozen_copy() if "momentum" in self.needs else None
         if self.resume_state is not None:
             self.model.load_state_dict(self.resume_state["model"])
@@ -197,6 +198,63 @@ class Trainer:
             raise UserError(f"--objective {cfg.objective}: tgmim trains beside caption; add caption")
         drop = by_name["caption"].params.attentive if "caption" in by_name else 0.0
         return drop, (by_name["tgmim"].params.ratio if "tgmim" in by_name else None)
+
+    def _load_teacher(self, cfg: TrainConfig):
+        """`--teacher`: the frozen model the distillation objectives learn from (else the teacher need is
+        met by a frozen copy of the initial model). A `feature` student whose embedding width differs
+        from the teacher's gets a learned projection into the teacher's space (`feature_proj`)."""
+        if "teacher" not in self.needs:
+            raise UserError(
+                f"--teacher {cfg.teacher}: no objective of --objective {cfg.objective} uses a teacher; add "
+                "affinity or feature (e.g. clip+affinity)"
+            )
+        from xmodal.distill.teacher import Teacher, load_teacher
+
+        teacher = Teacher(load_teacher(cfg.teacher, cfg.teacher_pretrained, self.device))
+        if teacher.dim != int(self.model_cfg["embed_dim"]) and "feature" in self._objective_names:
+            self.model_cfg.setdefault("feature_proj", {"dim": teacher.dim})
+        return teacher
+
+    @property
+    def _objective_names(self) -> set[str]:
+        return {o.name for o, _ in self.objective.objectives}
+
+    def _teacher_cache(self, data: ImageTextData) -> dict[str, Any]:
+        """Cache the teacher's features of the training set where no augmentation changes them each step
+        (`--teacher-cache auto`), else run it live; `on` refuses to run live, `off` never caches."""
+        cfg, teacher = self.cfg, self.distill_teacher
+        live = {"images": self.aug.images_enabled, "captions": self.batcher.text_augmented}
+        changed = [side for side, yes in live.items() if yes]
+        if cfg.teacher_cache == "on" and changed:
+            raise UserError(
+                f"--teacher-cache on: augmentation changes the {' and '.join(changed)} every step, so the "
+                "teacher's features cannot be cached; use --teacher-cache auto (live) or drop the augmentation"
+            )
+        if cfg.teacher_cache == "off":
+            return {"cache": "off"}
+        if changed and self.dist.is_main:
+            print(
+                f"teacher: augmentation changes the {' and '.join(changed)} every step, so the teacher runs "
+                "live on them (its features of unchanged inputs are cached)"
+            )
+        from xmodal.data.dataset import default_cache_dir
+
+        info = teacher.build_cache(
+            data,
+            self._load_at,
+            Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir(),
+            self.autocast_dtype,
+            images=not live["images"],
+            texts=not live["captions"],
+            is_main=self.dist.is_main,
+            barrier=D.barrier,
+        )
+        return {"cache": "on" if info else "live", **info}
+
+    def _load_at(self, size: int) -> ImageTextData:
+        c = self.cfg
+        return load_dataset(c.data, size, cache_dir=c.cache_dir, image_key=c.image_key,
+                            caption_key=c.caption_key, label_key=c.label_key, progress=self.dist.is_main)  # fmt: skip
 
     def _frozen_copy(self) -> torch.nn.Module:
         return copy.deepcopy(self.model).eval().requires_grad_(False)
@@ -265,6 +323,8 @@ class Trainer:
     def _extra(self, step: int, pixels_of, tok_chunks) -> dict[str, Any]:
         """The momentum and teacher features the objectives asked for, micro-batch by micro-batch."""
         extra: dict[str, Any] = {"step": step}
+        if self.distill_teacher is not None:
+            extra.update(self._distill_features(step, pixels_of, len(tok_chunks), len(tok_chunks[0])))
         for kind, model in (("momentum", self.momentum_model), ("teacher", self.teacher)):
             if model is None:
                 continue
@@ -274,6 +334,34 @@ class Trainer:
             if feats[0][2] is not None:  # fusion objectives: one micro-batch (no accumulation)
                 extra[f"{kind}_hidden"] = feats[0][2]
         return extra
+
+    def _distill_features(self, step: int, pixels_of, k: int, micro: int) -> dict[str, Any]:
+        """The `--teacher`'s features of this rank's rows, micro-batch by micro-batch (cached or live)."""
+        samples, captions = self.batcher.local_rows(step)
+        texts: list[str] = []
+        feats = []
+        with self._kernels():
+            for i in range(k):
+                rows = slice(i * micro, (i + 1) * micro)
+
+                def texts_of(rows=rows) -> list[str]:
+                    if not texts:
+                        texts.extend(self.batcher.texts(step))
+                    return texts[rows]
+
+                feats.append(
+                    self.distill_teacher.features(
+                        samples[rows], captions[rows], lambda i=i: pixels_of(i), texts_of
+                    )
+                )
+        out = {
+            "teacher_image": torch.cat([f[0] for f in feats]),
+            "teacher_text": torch.cat([f[1] for f in feats]),
+            "teacher_logit_scale": self.distill_teacher.logit_scale.to(self.device),
+        }
+        if hasattr(self.model, "feature_proj"):
+            out["feature_proj"] = self.model.feature_proj
+        return out
 
     def _fusion_batch(self, step: int, hidden, extra: dict[str, Any]):
         """The step's `FusionBatch`: hidden states, the model's fusion encoder and the seeded draws."""
@@ -383,7 +471,8 @@ class Trainer:
                 f"--resume: --data {cfg.data} is not the data this run was trained on (other samples or "
                 "captions); resume with the run's data, or add --resume-override"
             )
-        batcher = Batcher(data, self.tokenizer, cfg, self.dist)
+        batcher = self.batcher = Batcher(data, self.tokenizer, cfg, self.dist)
+        teacher_info = self._teacher_cache(data) if self.distill_teacher is not None else None
         total = cfg.steps or max(1, int(cfg.epochs * batcher.steps_per_epoch))
         start = int(self.resume_state["step"]) if self.resume_state else 0
         if main:
@@ -399,6 +488,7 @@ class Trainer:
                             "skipped": data.stats.as_dict(),
                             "val": len(val) if val else 0,
                         },
+                        **({"teacher": {"source": cfg.teacher, **teacher_info}} if teacher_info else {}),
                     }
                 )
             if data.stats.total():
