@@ -24,8 +24,9 @@ FAST = ["--precision", "fp32", "--no-progress", "--batch-size", "8", "--lr", "1e
 
 
 def teacher_run(folder: Path, data: Path, model: str = "xm-tiny", seed: int = 0) -> Path:
-    run_in_process("train", "--data", data, "--out", folder, "--model", model, "--steps", "4",
-                   "--seed", seed, *FAST)  # fmt: skip
+    run_in_process(
+        "train", "--data", data, "--out", folder, "--model", model, "--steps", "4", "--seed", seed, *FAST
+    )
     return folder
 
 
@@ -42,8 +43,21 @@ def step0(run: Path) -> dict:
 
 
 def distill(data, teacher, out, *extra):
-    run_in_process("distill", "--teacher", teacher, "--student", "xm-micro", "--data", data, "--out", out,
-                   "--steps", "3", *FAST, *extra)  # fmt: skip
+    run_in_process(
+        "distill",
+        "--teacher",
+        teacher,
+        "--student",
+        "xm-micro",
+        "--data",
+        data,
+        "--out",
+        out,
+        "--steps",
+        "3",
+        *FAST,
+        *extra,
+    )
     return out
 
 
@@ -54,15 +68,46 @@ def test_two_process_gloo_equals_single_process(setup, tmp_path, aug):
     """Global batch 8: 2 processes of 4 vs one; affinity spans the global batch. The teacher is 128-d and
     the student 32-d, so `feature` trains a projection too."""
     data, teacher = setup
-    common = ["distill", "--teacher", str(teacher), "--student", "xm-micro", "--data", str(data), *FAST,
-              "--steps", "4", "--log-every", "1", "--objective", "clip+affinity+feature:0.5", *aug]  # fmt: skip
+    common = [
+        "distill",
+        "--teacher",
+        str(teacher),
+        "--student",
+        "xm-micro",
+        "--data",
+        str(data),
+        *FAST,
+        "--steps",
+        "4",
+        "--log-every",
+        "1",
+        "--objective",
+        "clip+affinity+feature:0.5",
+        *aug,
+    ]
     single, double = tmp_path / "single", tmp_path / "double"
     run_in_process(*common, "--out", single)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29523",
-         "-m", "xmodal", *common, "--out", str(double)],
-        capture_output=True, text=True, cwd=REPO, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29523",
+            "-m",
+            "xmodal",
+            *common,
+            "--out",
+            str(double),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert step0(single)["teacher"]["cache"] == ("live" if aug else "on")
     a, b = losses(single), losses(double)
@@ -83,9 +128,21 @@ def test_accumulation_equals_the_full_batch(setup, tmp_path):
     data, teacher = setup
     runs = {}
     for accum in (1, 4):
-        cfg = TrainConfig(data=str(data), out=str(tmp_path / f"a{accum}"), model="xm-micro", steps=3,
-                          batch_size=8, accum_steps=accum, precision="fp32", progress=False, log_every=1,
-                          objective="clip+affinity+feature", teacher=str(teacher), lr=1e-3, warmup=1)  # fmt: skip
+        cfg = TrainConfig(
+            data=str(data),
+            out=str(tmp_path / f"a{accum}"),
+            model="xm-micro",
+            steps=3,
+            batch_size=8,
+            accum_steps=accum,
+            precision="fp32",
+            progress=False,
+            log_every=1,
+            objective="clip+affinity+feature",
+            teacher=str(teacher),
+            lr=1e-3,
+            warmup=1,
+        )
         runs[accum] = Trainer(cfg).fit()
     a, b = losses(runs[1]), losses(runs[4])
     assert all(abs(a[s] - b[s]) < 1e-5 for s in a)
@@ -96,8 +153,17 @@ def test_cached_features_are_the_teachers_own(setup, tmp_path):
     """The cache holds the teacher's embeddings of the images decoded at its own 64 px (the student's are
     32 px) and of every caption, in the training set's order."""
     data, teacher = setup
-    cfg = TrainConfig(data=str(data), out=str(tmp_path / "r"), model="xm-micro", steps=1, batch_size=8,
-                      precision="fp32", progress=False, objective="clip+affinity", teacher=str(teacher))  # fmt: skip
+    cfg = TrainConfig(
+        data=str(data),
+        out=str(tmp_path / "r"),
+        model="xm-micro",
+        steps=1,
+        batch_size=8,
+        precision="fp32",
+        progress=False,
+        objective="clip+affinity",
+        teacher=str(teacher),
+    )
     tr = Trainer(cfg)
     tr.fit()
     enc = load_encoder(teacher)
@@ -177,8 +243,20 @@ def test_inherited_student_trains_resumes_and_shrinks_again(setup, tmp_path):
     """inherit → distil → inherit again (the multi-stage recipe of docs/distill.md), through the CLI."""
     data, teacher = setup  # xm-tiny: 3 layers of width 128 per tower
     run = tmp_path / "half"
-    run_in_process("distill", "--student", f"inherit:{teacher}:layers=2,width=0.5", "--data", data, "--out", run,
-                   "--steps", "2", "--log-every", "1", *FAST)  # fmt: skip
+    run_in_process(
+        "distill",
+        "--student",
+        f"inherit:{teacher}:layers=2,width=0.5",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--steps",
+        "2",
+        "--log-every",
+        "1",
+        *FAST,
+    )
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["train"]["teacher"] == str(teacher) and cfg["train"]["objective"] == "clip+affinity"
     vision, text = cfg["model_config"]["vision_cfg"], cfg["model_config"]["text_cfg"]
@@ -186,11 +264,36 @@ def test_inherited_student_trains_resumes_and_shrinks_again(setup, tmp_path):
     record = json.loads((run / "inherited" / "inherit.json").read_text())
     assert record["image"]["layers"] == record["text"]["layers"] == [0, 1]  # TinyCLIP: step 3 // 2 = 1
     assert [len(h) for h in record["image"]["heads"]] == [2, 2] and len(record["image"]["residual"]) == 64
-    run_in_process("distill", "--student", f"inherit:{teacher}:layers=2,width=0.5", "--data", data, "--out", run,
-                   "--steps", "3", "--log-every", "1", "--resume", *FAST)  # fmt: skip
+    run_in_process(
+        "distill",
+        "--student",
+        f"inherit:{teacher}:layers=2,width=0.5",
+        "--data",
+        data,
+        "--out",
+        run,
+        "--steps",
+        "3",
+        "--log-every",
+        "1",
+        "--resume",
+        *FAST,
+    )
     assert sorted(losses(run)) == [1, 2, 3]
     # the distilled student shrinks again, taught by the first teacher
     smaller = tmp_path / "quarter"
-    run_in_process("distill", "--teacher", teacher, "--student", f"inherit:{run}:layers=1", "--data", data,
-                   "--out", smaller, "--steps", "2", *FAST)  # fmt: skip
+    run_in_process(
+        "distill",
+        "--teacher",
+        teacher,
+        "--student",
+        f"inherit:{run}:layers=1",
+        "--data",
+        data,
+        "--out",
+        smaller,
+        "--steps",
+        "2",
+        *FAST,
+    )
     assert yaml.safe_load((smaller / "config.yaml").read_text())["model_config"]["vision_cfg"]["layers"] == 1

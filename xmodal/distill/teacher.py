@@ -35,7 +35,8 @@ def load_teacher(source: str, pretrained: str | None, device: torch.device) -> E
     src = Path(source)
     if not src.exists() and not pretrained:
         raise UserError(
-            f"--teacher {source}: no such run or export folder (a model config needs --teacher-pretrained FILE)"
+            f"--teacher {source}: no such run or export folder (a model config needs "
+            "--teacher-pretrained FILE)"
         )
     with torch.random.fork_rng(devices=[]):
         enc = load_encoder(source, pretrained=pretrained, device=str(device))
@@ -126,9 +127,14 @@ class Teacher:
         emb = None
         if is_main:
             emb = embed_collection(
-                self.encoder, coll, work, caption_gallery=True, thumb_size=0, progress=True,
+                self.encoder,
+                coll,
+                work,
+                caption_gallery=True,
+                thumb_size=0,
+                progress=True,
                 log=lambda m: log(f"teacher cache: {m}"),
-            )  # fmt: skip
+            )
         barrier()
         if emb is None:  # the other ranks: every chunk is there now
             emb = embed_collection(

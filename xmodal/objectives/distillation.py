@@ -1,9 +1,9 @@
-"""Distillation from a frozen teacher (registered as `affinity`, `feature`); `xmodal distill` trains with them.
+"""Distillation from a frozen teacher (registered as `affinity`, `feature`), as `xmodal distill` trains.
 
 `affinity` — TinyCLIP's affinity mimicking (Wu et al., ICCV 2023). The student's in-batch image→text and
 text→image similarity distributions are pulled towards the teacher's:
 
-    A_s = softmax_j(t_s · <x_i, y_j>),  A_t = softmax_j(t_t · <u_i, v_j>)      (rows: image i, columns: text j)
+    A_s = softmax_j(t_s · <x_i, y_j>),  A_t = softmax_j(t_t · <u_i, v_j>)   (rows: image i, columns: text j)
     affinity = ½ [ KL(A_t^i2t ‖ A_s^i2t) + KL(A_t^t2i ‖ A_s^t2i) ], each a mean over rows
 
 x, y are the student's features, u, v the teacher's (L2-normalised, each in its own space). As in TinyCLIP's
@@ -121,6 +121,7 @@ class Feature(Objective):
         )
         if img.shape[1] != f.teacher_image.shape[1]:
             raise ValueError(
-                f"feature: student dimension {img.shape[1]} ≠ teacher's {f.teacher_image.shape[1]} and no projection"
+                f"feature: student dimension {img.shape[1]} ≠ teacher's {f.teacher_image.shape[1]} and no "
+                "projection"
             )
         return {"feature": (self._distance(img, f.teacher_image) + self._distance(txt, f.teacher_text)) / 2}

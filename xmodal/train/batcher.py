@@ -114,7 +114,7 @@ class Batcher:
         return self.indices(step)[rows], self.caption_index(step)[rows]
 
     def texts(self, step: int) -> list[str]:
-        """This rank's captions at `step` as `get` tokenises them (augmented where text augmentation is on)."""
+        """This rank's captions at `step` as `get` tokenises them (augmented with text augmentation on)."""
         start = self.dist.rank * self.local_batch
         _, cap_idx = self.local_rows(step)
         if not self.text_augmented:

@@ -228,7 +228,8 @@ class Trainer:
         if cfg.teacher_cache == "on" and changed:
             raise UserError(
                 f"--teacher-cache on: augmentation changes the {' and '.join(changed)} every step, so the "
-                "teacher's features cannot be cached; use --teacher-cache auto (live) or drop the augmentation"
+                "teacher's features cannot be cached; use --teacher-cache auto (live), or drop the "
+                "augmentation"
             )
         if cfg.teacher_cache == "off":
             return {"cache": "off"}
@@ -253,8 +254,15 @@ class Trainer:
 
     def _load_at(self, size: int) -> ImageTextData:
         c = self.cfg
-        return load_dataset(c.data, size, cache_dir=c.cache_dir, image_key=c.image_key,
-                            caption_key=c.caption_key, label_key=c.label_key, progress=self.dist.is_main)  # fmt: skip
+        return load_dataset(
+            c.data,
+            size,
+            cache_dir=c.cache_dir,
+            image_key=c.image_key,
+            caption_key=c.caption_key,
+            label_key=c.label_key,
+            progress=self.dist.is_main,
+        )
 
     def _frozen_copy(self) -> torch.nn.Module:
         return copy.deepcopy(self.model).eval().requires_grad_(False)
