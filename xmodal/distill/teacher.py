@@ -110,6 +110,7 @@ class Teacher:
 
         if not (images or texts):
             return {}
+        t0 = time.perf_counter()
         size = self.encoder.image_size
         data_t = data if data.image_size == size else load_at(size)
         if list(data_t.keys) != list(data.keys) or list(data_t.captions) != list(data.captions):
@@ -123,7 +124,6 @@ class Teacher:
         ).hexdigest()[:20]
         work = cache_root / "teacher-features" / key
         self.encoder.autocast_dtype = autocast_dtype  # the same precision as a live teacher would run at
-        t0 = time.perf_counter()
         emb = None
         if is_main:
             emb = embed_collection(
