@@ -297,3 +297,16 @@ def test_inherited_student_trains_resumes_and_shrinks_again(setup, tmp_path):
         *FAST,
     )
     assert yaml.safe_load((smaller / "config.yaml").read_text())["model_config"]["vision_cfg"]["layers"] == 1
+
+
+def test_without_a_teacher_train_distils_from_its_own_initial_model(setup, tmp_path):
+    """`xmodal train --objective clip+affinity`: the teacher is a frozen copy of the initial model (here
+    the distilled-from run's weights, given as --pretrained), so the first step's affinity is 0."""
+    data, teacher = setup
+    run_in_process("export", teacher, tmp_path / "exp")
+    run = tmp_path / "self"
+    run_in_process("train", "--data", data, "--out", run, "--model", tmp_path / "exp" / "model.json",
+                   "--pretrained", tmp_path / "exp" / "open_clip_model.pt", "--objective", "clip+affinity",
+                   "--steps", "2", "--log-every", "1", *FAST)  # fmt: skip
+    first, second = terms(run)[1]["affinity"], terms(run)[2]["affinity"]
+    assert abs(first) < 1e-6 < second

@@ -341,6 +341,8 @@ class Trainer:
             extra[f"{kind}_text"] = torch.cat([f[1] for f in feats])
             if feats[0][2] is not None:  # fusion objectives: one micro-batch (no accumulation)
                 extra[f"{kind}_hidden"] = feats[0][2]
+        if self.teacher is not None:
+            extra["teacher_logit_scale"] = self.teacher.logit_scale.exp().detach().float().reshape(())
         return extra
 
     def _distill_features(self, step: int, pixels_of, k: int, micro: int) -> dict[str, Any]:
