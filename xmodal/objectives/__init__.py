@@ -5,6 +5,7 @@ from xmodal.objectives import (  # noqa: F401  (importing a family registers its
     contrastive,
     distillation,
     geometry,
+    hashing,
     late_interaction,
     masked_lm,
     matching,

@@ -62,6 +62,7 @@ class Features:
     all_teacher_text: torch.Tensor | None = None
     teacher_logit_scale: torch.Tensor | None = None  # the teacher's temperature, exp() applied (distillation)
     feature_proj: Any = None  # the model's learned map into the teacher's space, when dimensions differ
+    hash_heads: Any = None  # the model's HashHeads (xmodal.hashing.heads), for dcmh/bebr
     image_tokens: torch.Tensor | None = None  # b×N×D, patch tokens in the joint space, L2-normalised
     text_tokens: torch.Tensor | None = None  # b×L×D
     text_mask: torch.Tensor | None = None  # b×L bool, True on real (non-padding) tokens

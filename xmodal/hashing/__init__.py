@@ -1,0 +1,1 @@
+"""Learned cross-modal hash codes: small heads on a frozen model's embeddings (dcmh, bebr objectives)."""
