@@ -101,6 +101,13 @@ PREFERRED = (
 )
 # only beside a main objective: geometry regularisers, and the fusion heads (they train no embedding space)
 REGULARISERS = frozenset({"alignment", "uniformity", "itm", "mlm"})
+# objectives that need more than a data set, measured by their own benchmark
+ELSEWHERE = {
+    "affinity": "needs a teacher: benchmarks/distill.py",
+    "feature": "needs a teacher: benchmarks/distill.py",
+    "dcmh": "trains hash heads on a trained model, not an embedding",
+    "bebr": "trains hash heads on a trained model, not an embedding",
+}
 QUICK_CANDIDATES = 2
 # train flags the benchmark sets itself: a candidate may not change the budget, the schedule or the seed
 RESERVED_FLAGS = frozenset(
@@ -329,7 +336,9 @@ def default_candidates() -> tuple[list[str], list[str]]:
         (notes.append(f"`{text}` not available ({why})") if why else out.append(text))
     specs = [text.split()[0] for text in PREFERRED if not text.startswith("-")]
     mentioned = {part.split(":")[0].split("(")[0] for spec in specs for part in spec.split("+")}
-    out += [name for name in sorted(REGISTRY) if name not in mentioned and name not in REGULARISERS]
+    rest = [name for name in sorted(REGISTRY) if name not in mentioned and name not in REGULARISERS]
+    out += [name for name in rest if name not in ELSEWHERE]
+    notes += [f"`{name}` not a candidate here ({ELSEWHERE[name]})" for name in rest if name in ELSEWHERE]
     return out, notes
 
 
