@@ -23,6 +23,7 @@ _STAGES = (
     "xmodal.objectives.cli",
     "xmodal.train.cli",
     "xmodal.distill.cli",
+    "xmodal.hashing.cli",
     "xmodal.eval.cli",
     "xmodal.index.cli",
     "xmodal.serve.cli",

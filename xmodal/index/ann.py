@@ -12,7 +12,8 @@ import numpy as np
 from xmodal.errors import UserError
 from xmodal.index.binary import fit_binary
 
-KINDS = ("flat", "hnsw", "ivfpq", "binary")
+KINDS = ("flat", "hnsw", "ivfpq", "binary", "learned-binary")
+BINARY_KINDS = ("binary", "learned-binary")  # Hamming codes in a FAISS binary index
 PAD = 8  # ANN vector width is padded to a multiple of this (PQ sub-vectors of 8 dims)
 
 
@@ -42,6 +43,8 @@ def auto_params(kind: str, n: int, dim: int, options: dict[str, Any]) -> dict[st
         p.update(nlist=nlist, nprobe=min(int(nprobe), nlist), pq_m=max(1, dim // PAD), pq_nbits=nbits)
     elif kind == "binary":
         p.update(bits=int(options.get("bits") or 256), binary_method=options.get("binary_method") or "itq")
+    elif kind == "learned-binary":  # the bits are the hash heads' (set when the coder is attached)
+        p.update(bits=int(options.get("bits") or 0), binary_method="learned")
     elif kind not in ("flat",):  # factory string
         if options.get("nprobe"):
             p["nprobe"] = int(options["nprobe"])
@@ -55,7 +58,7 @@ def effective_kind(kind: str, n: int) -> str:
     if kind == "ivfpq" and n < 64:
         return "flat"
     if kind == "binary" and n < 2:
-        return "flat"
+        return "flat"  # (learned codes need no training: any size works)
     return kind
 
 
@@ -94,7 +97,7 @@ def set_search_params(index: faiss.Index, kind: str, params: dict[str, Any], can
     if kind == "ivfpq":
         index.nprobe = params["nprobe"]
         return
-    if kind in ("flat", "binary"):
+    if kind in ("flat", *BINARY_KINDS):
         return
     ps = faiss.ParameterSpace()
     try:
@@ -121,7 +124,7 @@ class AnnMixin:
     def ann_dim(self) -> int:
         """Width of the ANN vectors: the embedding dim, plus one column per bank padded to PAD."""
         e = len(self.bank_names)
-        if e == 0 or self.kind == "binary":
+        if e == 0 or self.kind in BINARY_KINDS:
             return self.dim
         return int(math.ceil((self.dim + e) / PAD) * PAD)
 
@@ -142,6 +145,17 @@ class AnnMixin:
         self.info["effective_kind"] = kind
         self.info["params"] = auto_params(kind, n, self.ann_dim(), self.info.get("options", {}))
         params = self.info["params"]
+        if kind == "learned-binary":
+            if self.coder is None or self.coder.method != "learned":
+                raise UserError(
+                    "--kind learned-binary: the model has no hash heads; build from a hash run "
+                    "(xmodal hash train RUN --bits 64 … --out HASHRUN, then index build HASHRUN)"
+                )
+            params["bits"] = self.coder.bits
+            self.ann = faiss.IndexBinaryFlat(params["bits"])
+            if n:
+                self.ann.add(self.coder.encode(self.gallery, "image"))
+            return
         if kind == "binary":
             self.coder = fit_binary(
                 self.gallery,
@@ -172,7 +186,7 @@ class AnnMixin:
 
     def _ann_add(self, rows: slice) -> None:
         """Append gallery rows to the ANN (its structure and training stay as they are)."""
-        if self.kind == "binary":
+        if self.kind in BINARY_KINDS:
             self.ann.add(self.coder.encode(self.gallery[rows]))
         else:
             self.ann.add(self._ann_vectors(rows))
@@ -183,7 +197,7 @@ class AnnMixin:
         kind = effective_kind(self.info["kind"], len(self))
         if self.ann is None or kind != self.info["effective_kind"] or len(self) == 0:
             self.rebuild_ann()
-        elif kind == "binary":  # keep the learned code; only the stored codes change
+        elif kind in BINARY_KINDS:  # keep the learned code; only the stored codes change
             self.ann.reset()
             self.ann.add(self.coder.encode(self.gallery))
         else:

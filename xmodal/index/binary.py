@@ -138,3 +138,67 @@ def hamming(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Brute-force Hamming distances between packed codes a (N×B) and b (M×B) → N×M int (for tests)."""
     x = np.bitwise_xor(a[:, None, :], b[None, :, :])
     return np.unpackbits(x, axis=2).sum(axis=2)
+
+
+class LearnedCoder:
+    """Codes from trained hash heads (`xmodal hash train`): the image head codes the gallery and image
+    queries, the text head codes text queries. Stored as plain arrays (the heads' config and weights, no
+    pickle); torch is imported only when something is encoded."""
+
+    method = "learned"
+
+    def __init__(self, config: dict, state: dict[str, np.ndarray]) -> None:
+        self.config, self.state = dict(config), state
+        self._heads = None
+
+    @classmethod
+    def from_heads(cls, heads) -> LearnedCoder:
+        return cls(
+            heads.config(), {k: v.detach().cpu().float().numpy() for k, v in heads.state_dict().items()}
+        )
+
+    @property
+    def bits(self) -> int:
+        return int(self.config["bits"]) * int(self.config.get("steps", 1))
+
+    @property
+    def dim(self) -> int:
+        return int(self.config["dim"])
+
+    def heads(self):
+        if self._heads is None:
+            import torch
+
+            from xmodal.hashing.heads import HashHeads
+
+            h = HashHeads.from_config(self.config)
+            h.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in self.state.items()})
+            self._heads = h.eval()
+        return self._heads
+
+    def encode(self, x: np.ndarray, modality: str = "image") -> np.ndarray:
+        """float N×D → packed uint8 N×(bits/8), the `modality` head's ±1 codes."""
+        import torch
+
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"expected N×{self.dim} vectors, got shape {x.shape}")
+        heads = self.heads()
+        with torch.no_grad():
+            return heads.pack(heads.codes(torch.from_numpy(x), modality))
+
+    def save(self, path: str | Path) -> None:
+        import json
+
+        with open(Path(path), "wb") as f:
+            np.savez(
+                f, config=np.array(json.dumps(self.config)), **{f"w.{k}": v for k, v in self.state.items()}
+            )
+
+    @classmethod
+    def load(cls, path: str | Path) -> LearnedCoder:
+        import json
+
+        with np.load(Path(path), allow_pickle=False) as z:
+            state = {k[2:]: z[k] for k in z.files if k.startswith("w.")}
+            return cls(json.loads(str(z["config"])), state)

@@ -87,6 +87,7 @@ def build_index(
     model's caption decoder — a CoCa model — with `decoding`, in the same chunks; implies
     caption_gallery; see `xmodal.index.captions`)."""
     _check_kind(kind, bits, binary_method, rerank)
+    coder = _learned_coder(encoder) if kind == "learned-binary" else None
     generate = gen_captions.check_mode(captions) == "generate"
     if generate:
         gen_captions.check_captioner(encoder)  # before reading anything: one line naming --captions
@@ -185,6 +186,7 @@ def build_index(
             caption_vectors=cap_v,
             caption_meta=cap_m,
             encoder=encoder,
+            coder=coder,
         )
         idx.rebuild_ann()
         idx.save(out)
@@ -192,6 +194,19 @@ def build_index(
             shutil.rmtree(work, ignore_errors=True)
     log(f"index written: {out} ({len(idx)} items, kind {idx.kind})")
     return idx
+
+
+def _learned_coder(encoder: Any):
+    """`--kind learned-binary`: the codes of the model's hash heads (a run of `xmodal hash train`)."""
+    from xmodal.index.binary import LearnedCoder
+
+    heads = getattr(getattr(encoder, "model", None), "hash_heads", None)
+    if heads is None:
+        raise UserError(
+            "--kind learned-binary: the model has no hash heads; train them first "
+            "(xmodal hash train RUN --bits 64 --data M --out HASHRUN) and index with HASHRUN"
+        )
+    return LearnedCoder.from_heads(heads)
 
 
 def _encoder_for(idx: SearchIndex, encoder: Any) -> Any:

@@ -22,13 +22,14 @@ import pyarrow.parquet as pq
 
 from xmodal import fsutil
 from xmodal.errors import UserError
-from xmodal.index.ann import PAD
-from xmodal.index.binary import BinaryCoder
+from xmodal.index.ann import BINARY_KINDS, PAD
+from xmodal.index.binary import BinaryCoder, LearnedCoder
 from xmodal.index.folding import BANKS
 from xmodal.index.meta import FORMAT
 from xmodal.index.thumbs import Thumbs
 
 ANN_FILE = {"float": "ann.faiss", "binary": "ann.faissb"}
+CODER_FILE = {"binary": "binary.npz", "learned-binary": "learned_codes.npz"}  # the code's parameters
 
 
 class PersistMixin:
@@ -72,10 +73,10 @@ class PersistMixin:
         pq.write_table(self._meta, d / "meta.parquet")
         np.save(d / "vectors.npy", np.ascontiguousarray(self.vectors, dtype=np.float32))
         self.thumbs.write(d)
-        if self.kind == "binary":
+        if self.kind in BINARY_KINDS:
             faiss.write_index_binary(self.ann, str(d / ANN_FILE["binary"]))
-            self.coder.save(d / "binary.npz")
-            files.update(ann=ANN_FILE["binary"], binary="binary.npz")
+            self.coder.save(d / CODER_FILE[self.kind])
+            files.update(ann=ANN_FILE["binary"], binary=CODER_FILE[self.kind])
         else:
             faiss.write_index(self.ann, str(d / ANN_FILE["float"]))
             files["ann"] = ANN_FILE["float"]
@@ -163,14 +164,15 @@ def open_index(path: str | Path, encoder: Any = None, mmap: bool = True) -> Any:
         )
     migrate_info(info)
     try:
-        binary = info["effective_kind"] == "binary"
+        kind = info["effective_kind"]
+        binary = kind in BINARY_KINDS
         dim = int(info["dim"])
         meta = pq.read_table(p / "meta.parquet")
         vectors = _npy(p / "vectors.npy", mmap=mmap)
         coder = None
         if binary:
             ann = faiss.read_index_binary(str(p / ANN_FILE["binary"]))
-            coder = BinaryCoder.load(p / "binary.npz")
+            coder = (LearnedCoder if kind == "learned-binary" else BinaryCoder).load(p / CODER_FILE[kind])
         else:
             ann = faiss.read_index(str(p / ANN_FILE["float"]))
         thumb_idx = _npy(p / "thumbs.npy") if (p / "thumbs.npy").is_file() else None
@@ -197,7 +199,9 @@ def open_index(path: str | Path, encoder: Any = None, mmap: bool = True) -> Any:
     if binary:
         bits = int(info.get("params", {}).get("bits", ann.d))
         if ann.d != bits or coder.bits != bits or coder.dim != dim:
-            raise _damaged(p / "binary.npz", f"codes of {coder.bits} bits over {coder.dim} dims, ANN {ann.d}")
+            raise _damaged(
+                p / CODER_FILE[kind], f"codes of {coder.bits} bits over {coder.dim} dims, ANN {ann.d}"
+            )
     else:
         ann_dim = dim if e == 0 else int(math.ceil((dim + e) / PAD) * PAD)
         if ann.d != ann_dim:

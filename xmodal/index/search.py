@@ -11,7 +11,7 @@ import faiss
 import numpy as np
 
 from xmodal.errors import UserError
-from xmodal.index.ann import is_exact, l2n, set_search_params
+from xmodal.index.ann import BINARY_KINDS, is_exact, l2n, set_search_params
 from xmodal.index.meta import row_dict
 
 IMAGE_TO_IMAGE_RERANK = (
@@ -38,7 +38,9 @@ class SearchMixin:
             s = s + np.einsum("qne,qe->qn", cols, w)
         return np.where(rows >= 0, s, -np.inf).astype(np.float32)
 
-    def _search_raw(self, q: np.ndarray, k: int, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _search_raw(
+        self, q: np.ndarray, k: int, w: np.ndarray, modality: str = "text"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by ⟨q,g⟩ + Σ w_j u_j(g): ANN candidates, then exact re-ranking by the float vectors."""
         n_items = len(self)
         k = min(k, n_items)
@@ -46,13 +48,15 @@ class SearchMixin:
         rerank = int(params.get("rerank", 0))
         exact = is_exact(kind)
         cand = k if exact or rerank <= 0 else min(n_items, max(k, rerank))
-        if kind == "binary" and rerank > 0 and w.any():
+        binary = kind in BINARY_KINDS
+        if binary and rerank > 0 and w.any():
             # Hamming codes cannot carry the hubness offset, so candidates come from the plain ranking and
             # only the re-ranking is corrected; a wider pool lets promoted non-hubs in.
             cand = min(n_items, 2 * cand)
         set_search_params(self.ann, kind, params, cand)
-        if kind == "binary":
-            dist, rows = self.ann.search(self.coder.encode(q), cand)
+        if binary:  # learned codes: the query's own modality head (text → the text head)
+            codes = self.coder.encode(q, modality) if kind == "learned-binary" else self.coder.encode(q)
+            dist, rows = self.ann.search(codes, cand)
             rows = rows.astype(np.int64)
             if rerank > 0:
                 scores = self._score(q, rows, w)
@@ -88,14 +92,14 @@ class SearchMixin:
         e = len(self.bank_names)
         zero = np.zeros((len(q), e), np.float32)
         if not factors:
-            return self._search_raw(q, k, zero)
+            return self._search_raw(q, k, zero, modality)
         beta_tot = sum(b for _, b in factors)
         means = np.array([self.info["banks"][b]["offset_mean"] for b in self.bank_names])
         active = np.ones((len(q), len(factors)), dtype=bool)
         if norm.endswith("dynamic"):
             # DIS: a factor applies to a query only if the query's plain top-1 is in that bank's
             # activation set.
-            s0, r0 = self._search_raw(q, k, zero)
+            s0, r0 = self._search_raw(q, k, zero, modality)
             top1 = r0[:, 0]
             for f, (col, _) in enumerate(factors):
                 active[:, f] = self.bank_hubs[top1, col]
@@ -110,7 +114,7 @@ class SearchMixin:
         if norm.endswith("dynamic") and (~need).any():
             scores[~need], rows[~need] = s0[~need], r0[~need]
         if need.any():
-            scores[need], rows[need] = self._search_raw(q[need], k, w[need])
+            scores[need], rows[need] = self._search_raw(q[need], k, w[need], modality)
         # Back to the log-space value of the (dual/dynamic) inverted softmax.
         out = beta_tot * scores.astype(np.float64) - shift[:, None]
         return np.where(rows >= 0, out, -np.inf).astype(np.float32), rows

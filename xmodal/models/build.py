@@ -109,13 +109,14 @@ def build_model(
     fusion = cfg.pop("fusion", None)  # xmodal's fusion encoder: attached after the open_clip towers
     tgmim = cfg.pop("tgmim", None)  # SyCoCa's TG-MIM image decoder (a CoCa training aid), likewise
     feature_proj = cfg.pop("feature_proj", None)  # `feature` distillation's map into a teacher's space
+    hash_heads = cfg.pop("hash_heads", None)  # `xmodal hash train`'s code heads (xmodal.hashing.heads)
     if "hf_model_name" in cfg["text_cfg"]:
         cfg["text_cfg"]["hf_model_pretrained"] = load_hf_weights and not spec.pretrained
     if spec.pretrained and not Path(spec.pretrained).is_file():
         if open_clip.get_pretrained_cfg(spec.name, spec.pretrained):  # hub tag: needs internet
             model = open_clip.create_model(spec.name, pretrained=spec.pretrained)
             _lock(model, spec)
-            return _with_heads(model, fusion, tgmim, feature_proj)
+            return _with_heads(model, fusion, tgmim, feature_proj, hash_heads)
         raise UserError(f"--pretrained {spec.pretrained}: file not found")
     if is_coca_config(cfg) and fusion is not None:
         raise UserError(
@@ -141,7 +142,7 @@ def build_model(
                 f"--pretrained {spec.pretrained}: does not fit --model {spec.name} ({first})"
             ) from e
     _lock(model, spec)
-    return _with_heads(model, fusion, tgmim, feature_proj)
+    return _with_heads(model, fusion, tgmim, feature_proj, hash_heads)
 
 
 @torch.no_grad()
@@ -165,6 +166,7 @@ def _with_heads(
     fusion: dict[str, Any] | None,
     tgmim: dict[str, Any] | None,
     feature_proj: dict[str, Any] | None = None,
+    hash_heads: dict[str, Any] | None = None,
 ) -> torch.nn.Module:
     if fusion is not None:
         from xmodal.models.fusion import attach_fusion
@@ -176,6 +178,10 @@ def _with_heads(
         attach_tgmim(model, tgmim)
     if feature_proj is not None:  # a training aid like TG-MIM: export leaves it out
         model.feature_proj = torch.nn.Linear(model.visual.output_dim, int(feature_proj["dim"]), bias=False)
+    if hash_heads is not None:
+        from xmodal.hashing.heads import HashHeads
+
+        model.hash_heads = HashHeads.from_config(hash_heads)
     return model
 
 

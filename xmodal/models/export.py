@@ -15,8 +15,8 @@ def export_open_clip(run: str | Path, out_dir: str | Path, checkpoint: str | Non
     OUT/open_clip_config.json + open_clip_model.safetensors so that open_clip's `local-dir:OUT` schema
     (which looks for those names) works as well. A fusion encoder (ITM/MLM heads) is not part of
     open_clip's model: it goes to OUT/fusion.safetensors + OUT/fusion.json beside the towers, and
-    `load_encoder(OUT)` attaches it again. SyCoCa's TG-MIM image decoder and `feature` distillation's
-    projection are training aids that nothing downstream reads: they are left out."""
+    `load_encoder(OUT)` attaches it again. SyCoCa's TG-MIM image decoder, `feature` distillation's
+    projection and hash heads are not part of open_clip's model: they are left out."""
     enc = load_encoder(run, device="cpu", checkpoint=checkpoint)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -26,6 +26,7 @@ def export_open_clip(run: str | Path, out_dir: str | Path, checkpoint: str | Non
     fusion_cfg = model_cfg.pop("fusion", None)
     model_cfg.pop("tgmim", None)
     model_cfg.pop("feature_proj", None)
+    model_cfg.pop("hash_heads", None)
     preprocess = {
         "size": enc.image_size,
         "mean": enc.mean.flatten().tolist(),
@@ -34,7 +35,8 @@ def export_open_clip(run: str | Path, out_dir: str | Path, checkpoint: str | Non
         "resize_mode": "shortest",
     }
     state = enc.model.state_dict()
-    towers = {k: v for k, v in state.items() if not k.startswith(("fusion.", "tgmim.", "feature_proj."))}
+    aids = ("fusion.", "tgmim.", "feature_proj.", "hash_heads.")
+    towers = {k: v for k, v in state.items() if not k.startswith(aids)}
     save_torch_atomic(towers, out / "open_clip_model.pt")
     from safetensors.torch import save as st_save
 

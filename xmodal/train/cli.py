@@ -27,6 +27,9 @@ def train(
         None, help="open_clip config name (e.g. xm-tiny, ViT-B-32) or JSON file."
     ),
     pretrained: str | None = typer.Option(None, help="Local checkpoint to start from."),
+    init_from: str | None = typer.Option(
+        None, help="An xmodal run whose latest weights start this one (--model must be its config)."
+    ),
     hf_text: str | None = typer.Option(None, help="Local Hugging Face model dir used as the text tower."),
     hf_pooler: str | None = typer.Option(
         None, help="Pooling of a HF text tower: mean_pooler, cls_pooler, cls_last_hidden_state_pooler…"

@@ -26,6 +26,7 @@ class TrainConfig:
     # model
     model: str = "xm-tiny"
     pretrained: str | None = None
+    init_from: str | None = None  # an xmodal run whose latest weights start this run (new heads start fresh)
     hf_text: str | None = None
     hf_pooler: str = "mean_pooler"  # how a Hugging Face text tower pools its tokens (open_clip's poolers)
     lock_image: bool = False

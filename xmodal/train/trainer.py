@@ -131,6 +131,8 @@ class Trainer:
         # train mode throughout: Hugging Face towers come out of from_pretrained in eval mode, which left
         # their dropout off until the first validation switched it on
         self.model.to(self.device).train()
+        if cfg.init_from and self.resume_state is None:
+            self._init_from(cfg.init_from)
         # frozen copies, in eval mode (no dropout: the targets they give are deterministic)
         self.teacher = self._frozen_copy() if "teacher" in self.needs and not self.distill_teacher else None
         self.momentum_model = self._frozen_copy() if "momentum" in self.needs else None
@@ -264,6 +266,30 @@ class Trainer:
             progress=self.dist.is_main,
         )
 
+    def _init_from(self, run: str) -> None:
+        """`--init-from RUN`: RUN's latest weights. Heads that only one of the two models has (fusion,
+        TG-MIM, a feature projection, hash heads) are left as they are; every other weight must fit."""
+        ckpt = Path(run) / "checkpoints" / "latest.pt"
+        if not ckpt.is_file():
+            raise UserError(f"--init-from {run}: no checkpoint at {ckpt}; give a trained xmodal run")
+        state = load_checkpoint(ckpt)["model"]
+        own = self.model.state_dict()
+        aids = ("fusion.", "tgmim.", "feature_proj.", "hash_heads.")
+        state = {k: v for k, v in state.items() if not (k.startswith(aids) and k not in own)}
+        try:
+            missing, unexpected = self.model.load_state_dict(state, strict=False)
+        except RuntimeError as e:
+            first = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e)[:200])
+            raise UserError(
+                f"--init-from {run}: its weights do not fit --model {self.cfg.model} ({first})"
+            ) from e
+        bad = [k for k in missing if not k.startswith(aids)] + list(unexpected)
+        if bad:
+            raise UserError(
+                f"--init-from {run}: its weights do not fit --model {self.cfg.model} ({len(bad)} tensors, "
+                f"e.g. {bad[0]}); give --model the run's own config"
+            )
+
     def _frozen_copy(self) -> torch.nn.Module:
         return copy.deepcopy(self.model).eval().requires_grad_(False)
 
@@ -341,6 +367,8 @@ class Trainer:
             extra[f"{kind}_text"] = torch.cat([f[1] for f in feats])
             if feats[0][2] is not None:  # fusion objectives: one micro-batch (no accumulation)
                 extra[f"{kind}_hidden"] = feats[0][2]
+        if hasattr(self.model, "hash_heads"):
+            extra["hash_heads"] = self.model.hash_heads
         if self.teacher is not None:
             extra["teacher_logit_scale"] = self.teacher.logit_scale.exp().detach().float().reshape(())
         return extra
