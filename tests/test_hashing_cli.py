@@ -200,3 +200,47 @@ def test_learned_binary_index_searches_by_the_heads_codes(base, tmp_path):
     s2, r2 = idx2.search_rows(q, k=3, modality="text")
     exact = np.sort(np.asarray(idx2.gallery) @ q[0])[::-1][:3]
     assert np.allclose(s2[0], exact, atol=1e-5)
+
+
+def test_eval_task_hashing_scores_learned_codes_beside_itq_and_lsh(base, tmp_path):
+    import numpy as np
+
+    from xmodal.data import load_dataset
+    from xmodal.eval.hashing import hashing_metrics
+
+    data, run = base
+    hrun = tmp_path / "h"
+    run_in_process(
+        "hash", "train", run, "--bits", "16", "--data", data, "--out", hrun, "--steps", "10", *FAST
+    )
+    out = tmp_path / "ev.json"
+    run_in_process(
+        "eval",
+        hrun,
+        "--data",
+        data,
+        "--task",
+        "hashing",
+        "--hash-bits",
+        "16,32",
+        "--hash-k",
+        "20",
+        "--json",
+        out,
+    )
+    res = json.loads(out.read_text())["hashing"]
+    assert set(res["methods"]) == {"learned", "itq-16", "itq-32", "lsh-16", "lsh-32"}
+    assert res["methods"]["learned"]["bytes_per_item"] == 2 and res["float_bytes_per_item"] == 32 * 4
+    # the learned row is the metric of the heads' own codes, text queries against the image gallery
+    enc = load_encoder(hrun)
+    ds = load_dataset(str(data), enc.image_size, progress=False)
+    heads = enc.model.hash_heads
+    caps = [c for cs in ds.captions for c in cs]
+    owner = [i for i, cs in enumerate(ds.captions) for _ in cs]
+    with torch.no_grad():
+        ic = heads.codes(enc.encode_images(ds.images), "image").numpy()
+        tc = heads.codes(enc.encode_texts(caps), "text").numpy()
+    want = hashing_metrics(tc, ic, [ds.labels[i] for i in owner], ds.labels, (20,))["mAP@20"]
+    assert abs(res["methods"]["learned"]["t2i"]["mAP@20"] - want) < 1e-9
+    assert all(0 <= m["t2i"]["mAP@20"] <= 1 for m in res["methods"].values())
+    assert np.isfinite(res["methods"]["itq-32"]["i2t"]["P@H<=2"])

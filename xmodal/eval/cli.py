@@ -86,6 +86,10 @@ def register(app: typer.Typer) -> None:
         ] = "topk",
         map_k: Annotated[int, typer.Option("--map-k")] = 10,
         hubness_k: Annotated[int, typer.Option("--hubness-k")] = 10,
+        hash_k: Annotated[int, typer.Option("--hash-k", help="hashing: mAP@K")] = 100,
+        hash_bits: Annotated[
+            str, typer.Option("--hash-bits", help="hashing: ITQ/LSH baselines' code lengths, e.g. 32,64,128")
+        ] = "32,64,128",
         seed: Annotated[int, typer.Option("--seed")] = 0,
         hubness_norm: Annotated[
             str | None,
@@ -159,6 +163,8 @@ def register(app: typer.Typer) -> None:
             ties=ties,
             map_k=map_k,
             hubness_k=hubness_k,
+            hash_k=hash_k,
+            hash_bits=_bits_list(hash_bits),
             seed=seed,
             hubness_norm=hubness_norm,
             hubness_bank=hubness_bank,
@@ -226,3 +232,15 @@ def register(app: typer.Typer) -> None:
         Console().print(results_table(results))
         if report is not None:
             Console(stderr=True).print(f"report: {report / 'index.html'}")
+
+
+def _bits_list(text: str) -> tuple[int, ...]:
+    try:
+        bits = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise UserError(
+            f"--hash-bits {text}: give code lengths separated by commas, e.g. 32,64,128"
+        ) from None
+    if not bits or any(b <= 0 or b % 8 for b in bits):
+        raise UserError(f"--hash-bits {text}: each code length must be a positive multiple of 8")
+    return bits

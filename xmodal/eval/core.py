@@ -11,7 +11,7 @@ from xmodal.errors import UserError
 from xmodal.eval.cache import EmbeddingCache
 from xmodal.eval.metrics import TIES
 
-TASKS = ("retrieval", "zeroshot", "probe", "hubness", "gap", "robustness", "captioning")
+TASKS = ("retrieval", "zeroshot", "probe", "hubness", "gap", "robustness", "captioning", "hashing")
 POSITIVES = ("caption", "label")
 DEFAULT_TEMPLATES_FILE = Path(__file__).parent / "templates.txt"
 
@@ -54,6 +54,9 @@ class EvalOptions:
     caption_max_len: int = 30  # tokens, start and end token included
     caption_baseline: str | None = None  # training manifest: also score each image's nearest train caption
     caption_gallery: int = 24  # images in the report's captioning gallery
+    # hashing (xmodal.eval.hashing): mAP@hash_k with label relevance, learned codes against ITQ and LSH
+    hash_k: int = 100
+    hash_bits: tuple[int, ...] = (32, 64, 128)  # the ITQ / LSH baselines' code lengths
     # report
     gallery_queries: int = 6
     progress: bool = False
@@ -74,7 +77,7 @@ class EvalOptions:
             raise UserError(f"--positives {self.positives}: choose one of {', '.join(POSITIVES)}")
         if self.ties not in TIES:
             raise UserError(f"--ties {self.ties}: choose one of {', '.join(TIES)}")
-        for name in ("map_k", "hubness_k"):
+        for name in ("map_k", "hubness_k", "hash_k"):
             if int(getattr(self, name)) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be ≥ 1")
         if not (

@@ -17,6 +17,7 @@ a query when they share at least one label (single-label data: the same label).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -87,4 +88,62 @@ def hashing_metrics(
     out[f"P@H<={radius}"] = precision_within(dist, rel, radius)
     out["pr_curve"] = pr_by_radius(dist, rel, bits)
     out["bits"] = bits
+    return out
+
+
+# -- the `hashing` task of `xmodal eval` ----------------------------------------------------------------
+
+
+def unavailable(ctx: Any) -> str | None:
+    if not any(x is not None for x in ctx.labels):
+        return "hash retrieval is scored by shared labels (mAP@K); the data has none (--label-key)"
+    if ctx.cache.n_images < 2:
+        return "hashing needs at least 2 images"
+    return None
+
+
+def run(ctx: Any) -> dict:
+    """Text → image and image → text retrieval by Hamming distance, relevance = shared label: the model's
+    hash heads (a run of `xmodal hash train`) when it has them, and ITQ / LSH codes of the same embeddings
+    at each of `hash_bits` (fitted on this test set's images, as `index build --kind binary` fits on its
+    gallery), with the memory per item."""
+    import torch
+
+    from xmodal.index.binary import fit_binary
+
+    opts = ctx.options
+    img = ctx.cache.images.numpy()
+    txt = ctx.cache.caption_embs.numpy()
+    owner = ctx.cache.caption_image.numpy()
+    labels = ctx.labels
+    keep = np.array([x is not None for x in labels])
+    img_l = [labels[i] for i in np.flatnonzero(keep)]
+    t_keep = keep[owner]
+    txt_l = [labels[i] for i in owner[t_keep]]
+
+    def score(img_codes: np.ndarray, txt_codes: np.ndarray, bits: int) -> dict:
+        t2i = hashing_metrics(txt_codes[t_keep], img_codes[keep], txt_l, img_l, (opts.hash_k,))
+        i2t = hashing_metrics(img_codes[keep], txt_codes[t_keep], img_l, txt_l, (opts.hash_k,))
+        for d in (t2i, i2t):
+            d.pop("bits")
+        return {"t2i": t2i, "i2t": i2t, "bits": bits, "bytes_per_item": bits // 8}
+
+    def pm1(packed_fn, x: np.ndarray, bits: int) -> np.ndarray:
+        unpacked = np.unpackbits(packed_fn(x), axis=1, bitorder="little")[:, :bits]
+        return unpacked.astype(np.float32) * 2 - 1
+
+    out: dict[str, Any] = {"k": opts.hash_k, "float_bytes_per_item": int(img.shape[1]) * 4, "methods": {}}
+    heads = getattr(getattr(ctx.encoder, "model", None), "hash_heads", None)
+    if heads is not None:
+        with torch.no_grad():
+            ic = heads.codes(torch.from_numpy(img), "image").numpy()
+            tc = heads.codes(torch.from_numpy(txt), "text").numpy()
+        out["methods"]["learned"] = score(ic, tc, heads.total_bits)
+        ctx.artifacts["hashing_pr"] = out["methods"]["learned"]["t2i"]["pr_curve"]
+    for method in ("itq", "lsh"):
+        for bits in opts.hash_bits:
+            coder = fit_binary(img, bits=bits, method=method, seed=opts.seed)
+            out["methods"][f"{method}-{bits}"] = score(
+                pm1(coder.encode, img, bits), pm1(coder.encode, txt, bits), bits
+            )
     return out

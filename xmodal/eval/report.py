@@ -109,10 +109,13 @@ def plot_gap(img: np.ndarray, txt: np.ndarray) -> bytes:
 
 
 def _table(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Flattened (key, value) rows; curves (lists of more than 12 values) stay in the JSON and the plots."""
     rows: list[tuple[str, Any]] = []
     for k, v in d.items():
         if isinstance(v, dict):
             rows.extend(_table(v, f"{prefix}{k}."))
+        elif isinstance(v, list) and len(v) > 12:
+            continue
         else:
             rows.append((f"{prefix}{k}", v))
     return rows
