@@ -177,8 +177,8 @@ def main(argv=None) -> dict:
     intro = (
         f"Base model {a.model} trained with `clip` for {a.base_steps} steps (batch {a.batch_size}) per data "
         f"set; hash heads `{a.objective}` for {a.hash_steps} steps on its frozen embeddings, one run per "
-        "code length; ITQ and LSH fitted on the test images' embeddings of the same model. Relevance = shared "
-        "label; text → image (every caption a query) and image → text."
+        "code length; ITQ and LSH fitted on the test images' embeddings of the same model. Relevance = "
+        "a shared label; text → image (every caption a query) and image → text."
     )
     body = intro + "\n\n" + "\n\n".join(dataset_block(a, n, r) for n, r in results.items())
     if notes:
