@@ -25,6 +25,12 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 open_clip.add_model_config(CONFIG_DIR)  # makes xm-tiny etc. visible to open_clip by name too
 
 
+# Modules xmodal attaches beside open_clip's towers, each configured by the model config key of its name and
+# saved under that state-dict prefix: the fusion encoder (ITM/MLM), SyCoCa's TG-MIM decoder, `feature`
+# distillation's projection, hash heads. open_clip's own model has none of them: exports leave them out.
+EXTRA_HEADS = ("fusion", "tgmim", "feature_proj", "hash_heads")
+
+
 @dataclass
 class ModelSpec:
     """What to build. `name` is an open_clip config name or a path to a config JSON."""
@@ -106,17 +112,15 @@ def build_model(
     cfg = copy.deepcopy(cfg if cfg is not None else resolve_model_config(spec))
     custom = _is_custom_text(cfg)
     cfg.pop("custom_text", None)
-    fusion = cfg.pop("fusion", None)  # xmodal's fusion encoder: attached after the open_clip towers
-    tgmim = cfg.pop("tgmim", None)  # SyCoCa's TG-MIM image decoder (a CoCa training aid), likewise
-    feature_proj = cfg.pop("feature_proj", None)  # `feature` distillation's map into a teacher's space
-    hash_heads = cfg.pop("hash_heads", None)  # `xmodal hash train`'s code heads (xmodal.hashing.heads)
+    heads = {name: cfg.pop(name, None) for name in EXTRA_HEADS}  # attached after the open_clip towers
+    fusion = heads["fusion"]
     if "hf_model_name" in cfg["text_cfg"]:
         cfg["text_cfg"]["hf_model_pretrained"] = load_hf_weights and not spec.pretrained
     if spec.pretrained and not Path(spec.pretrained).is_file():
         if open_clip.get_pretrained_cfg(spec.name, spec.pretrained):  # hub tag: needs internet
             model = open_clip.create_model(spec.name, pretrained=spec.pretrained)
             _lock(model, spec)
-            return _with_heads(model, fusion, tgmim, feature_proj, hash_heads)
+            return _with_heads(model, heads)
         raise UserError(f"--pretrained {spec.pretrained}: file not found")
     if is_coca_config(cfg) and fusion is not None:
         raise UserError(
@@ -142,7 +146,7 @@ def build_model(
                 f"--pretrained {spec.pretrained}: does not fit --model {spec.name} ({first})"
             ) from e
     _lock(model, spec)
-    return _with_heads(model, fusion, tgmim, feature_proj, hash_heads)
+    return _with_heads(model, heads)
 
 
 @torch.no_grad()
@@ -161,27 +165,23 @@ def init_coca_decoder(decoder: torch.nn.Module) -> None:
     torch.nn.init.normal_(decoder.text_projection, std=width**-0.5)
 
 
-def _with_heads(
-    model: torch.nn.Module,
-    fusion: dict[str, Any] | None,
-    tgmim: dict[str, Any] | None,
-    feature_proj: dict[str, Any] | None = None,
-    hash_heads: dict[str, Any] | None = None,
-) -> torch.nn.Module:
-    if fusion is not None:
+def _with_heads(model: torch.nn.Module, heads: dict[str, dict[str, Any] | None]) -> torch.nn.Module:
+    if heads["fusion"] is not None:
         from xmodal.models.fusion import attach_fusion
 
-        attach_fusion(model, fusion)
-    if tgmim is not None:
+        attach_fusion(model, heads["fusion"])
+    if heads["tgmim"] is not None:
         from xmodal.models.captioner import attach_tgmim
 
-        attach_tgmim(model, tgmim)
-    if feature_proj is not None:  # a training aid like TG-MIM: export leaves it out
-        model.feature_proj = torch.nn.Linear(model.visual.output_dim, int(feature_proj["dim"]), bias=False)
-    if hash_heads is not None:
+        attach_tgmim(model, heads["tgmim"])
+    if heads["feature_proj"] is not None:
+        model.feature_proj = torch.nn.Linear(
+            model.visual.output_dim, int(heads["feature_proj"]["dim"]), bias=False
+        )
+    if heads["hash_heads"] is not None:
         from xmodal.hashing.heads import HashHeads
 
-        model.hash_heads = HashHeads.from_config(hash_heads)
+        model.hash_heads = HashHeads.from_config(heads["hash_heads"])
     return model
 
 

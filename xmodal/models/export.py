@@ -7,6 +7,7 @@ from pathlib import Path
 
 from xmodal.errors import UserError
 from xmodal.fsutil import save_torch_atomic, write_bytes_atomic, write_text_atomic
+from xmodal.models.build import EXTRA_HEADS
 from xmodal.models.encoder import load_encoder
 
 
@@ -23,10 +24,9 @@ def export_open_clip(run: str | Path, out_dir: str | Path, checkpoint: str | Non
         raise UserError(f"{out}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = dict(enc.model_cfg)
-    fusion_cfg = model_cfg.pop("fusion", None)
-    model_cfg.pop("tgmim", None)
-    model_cfg.pop("feature_proj", None)
-    model_cfg.pop("hash_heads", None)
+    fusion_cfg = model_cfg.get("fusion")
+    for name in EXTRA_HEADS:
+        model_cfg.pop(name, None)
     preprocess = {
         "size": enc.image_size,
         "mean": enc.mean.flatten().tolist(),
@@ -35,8 +35,7 @@ def export_open_clip(run: str | Path, out_dir: str | Path, checkpoint: str | Non
         "resize_mode": "shortest",
     }
     state = enc.model.state_dict()
-    aids = ("fusion.", "tgmim.", "feature_proj.", "hash_heads.")
-    towers = {k: v for k, v in state.items() if not k.startswith(aids)}
+    towers = {k: v for k, v in state.items() if not k.startswith(tuple(f"{h}." for h in EXTRA_HEADS))}
     save_torch_atomic(towers, out / "open_clip_model.pt")
     from safetensors.torch import save as st_save
 

@@ -274,7 +274,9 @@ class Trainer:
             raise UserError(f"--init-from {run}: no checkpoint at {ckpt}; give a trained xmodal run")
         state = load_checkpoint(ckpt)["model"]
         own = self.model.state_dict()
-        aids = ("fusion.", "tgmim.", "feature_proj.", "hash_heads.")
+        from xmodal.models.build import EXTRA_HEADS
+
+        aids = tuple(f"{h}." for h in EXTRA_HEADS)
         state = {k: v for k, v in state.items() if not (k.startswith(aids) and k not in own)}
         try:
             missing, unexpected = self.model.load_state_dict(state, strict=False)
