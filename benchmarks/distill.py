@@ -23,8 +23,6 @@ are within run-to-run noise (see the objectives ablation's seed spreads).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import shutil
 import statistics
@@ -67,16 +65,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     # what benchmarks/objectives.prepare_datasets reads
     a.shapes_images, a.quick_sizes, a.noise_fraction = 5000, False, 0.3
     return a
-
-
-def run_cli(argv: list[str]) -> float:
-    """`xmodal ARGV` in this process, quiet; its wall seconds."""
-    from xmodal.cli import app
-
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        app([str(x) for x in argv], standalone_mode=False)
-    return time.perf_counter() - t0
 
 
 def step_times(run: Path, batch: int) -> list[float]:
@@ -156,7 +144,7 @@ def half_spec(teacher: Path) -> str:
 def calibrate(a, cmd: list, out: Path) -> float:
     """Median step time over `--calib-steps` timed steps after 3 warm-up ones."""
     shutil.rmtree(out, ignore_errors=True)
-    run_cli([*cmd, *common(a, 3 + a.calib_steps, out, 0)])
+    C.run_xmodal_quiet([*cmd, *common(a, 3 + a.calib_steps, out, 0)])
     t = statistics.median(step_times(out, a.batch_size)[3:])
     shutil.rmtree(out, ignore_errors=True)
     return t
@@ -186,7 +174,7 @@ def cache_build_s(a, ds, teacher: Path) -> float:
     out = a.work_dir / "cache-probe"
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(a.work_dir / "cache" / "teacher-features", ignore_errors=True)
-    run_cli(
+    C.run_xmodal_quiet(
         ["distill", "--teacher", teacher, "--student", "xm-micro", "--data", ds.train, *common(a, 1, out, 0)]
     )
     info = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])["teacher"]
@@ -220,7 +208,7 @@ def bench_dataset(a, ds, tests, log) -> dict:
     t_steps = max(1, round(a.teacher_s / step))
     log(f"   teacher {a.teacher_model}: {step:.3f} s/step → {t_steps} steps")
     shutil.rmtree(teacher, ignore_errors=True)
-    wall = run_cli([*t_cmd, *common(a, t_steps, teacher, 0)])
+    wall = C.run_xmodal_quiet([*t_cmd, *common(a, t_steps, teacher, 0)])
     res["teacher"] = {
         "steps": t_steps,
         "train_s": sum(step_times(teacher, a.batch_size)),
@@ -245,7 +233,7 @@ def bench_dataset(a, ds, tests, log) -> dict:
         for seed in range(a.seeds):
             out = work / f"{label.replace(' ', '_').replace(',', '').replace('+', 'plus')}-{seed}"
             shutil.rmtree(out, ignore_errors=True)
-            wall = run_cli([*cmd, *common(a, steps, out, seed)])
+            wall = C.run_xmodal_quiet([*cmd, *common(a, steps, out, seed)])
             train_s = sum(step_times(out, a.batch_size))
             runs.append(
                 {"steps": steps, "train_s": train_s, "charge_s": charge, "wall_s": wall, **evaluate_run(out)}

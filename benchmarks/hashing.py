@@ -16,8 +16,6 @@ no labels: a win for the learned codes is partly the labels' doing, which is wha
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import shutil
 import sys
@@ -47,15 +45,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     a.bits = [int(b) for b in a.bits.split(",")]
     a.shapes_images, a.quick_sizes, a.noise_fraction = 5000, False, 0.3  # for objectives.prepare_datasets
     return a
-
-
-def run_cli(argv: list) -> float:
-    from xmodal.cli import app
-
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-        app([str(x) for x in argv], standalone_mode=False)
-    return time.perf_counter() - t0
 
 
 def common(a, out: Path, steps: int) -> list:
@@ -88,12 +77,14 @@ def bench_dataset(a, ds) -> dict:
     work.mkdir(parents=True)
     base = work / "base"
     res: dict = {
-        "base_s": run_cli(["train", "--data", ds.train, "--model", a.model, *common(a, base, a.base_steps)])
+        "base_s": C.run_xmodal_quiet(
+            ["train", "--data", ds.train, "--model", a.model, *common(a, base, a.base_steps)]
+        )
     }
     res["runs"] = {}
     for bits in a.bits:
         hrun = work / f"hash-{bits}"
-        t = run_cli(
+        t = C.run_xmodal_quiet(
             [
                 "hash",
                 "train",
@@ -108,7 +99,7 @@ def bench_dataset(a, ds) -> dict:
             ]
         )
         out = work / f"eval-{bits}.json"
-        run_cli(
+        C.run_xmodal_quiet(
             [
                 "eval",
                 hrun,

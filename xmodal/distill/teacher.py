@@ -124,28 +124,16 @@ class Teacher:
         ).hexdigest()[:20]
         work = cache_root / "teacher-features" / key
         self.encoder.autocast_dtype = autocast_dtype  # the same precision as a live teacher would run at
-        emb = None
-        if is_main:
-            emb = embed_collection(
-                self.encoder,
-                coll,
-                work,
-                caption_gallery=True,
-                thumb_size=0,
-                progress=True,
-                log=lambda m: log(f"teacher cache: {m}"),
+
+        def embed(main: bool):
+            say = (lambda m: log(f"teacher cache: {m}")) if main else (lambda m: None)
+            return embed_collection(
+                self.encoder, coll, work, caption_gallery=True, thumb_size=0, progress=main, log=say
             )
+
+        emb = embed(True) if is_main else None
         barrier()
-        if emb is None:  # the other ranks: every chunk is there now
-            emb = embed_collection(
-                self.encoder,
-                coll,
-                work,
-                caption_gallery=True,
-                thumb_size=0,
-                progress=False,
-                log=lambda m: None,
-            )
+        emb = emb or embed(False)  # the other ranks read the chunks rank 0 wrote
         if images:
             self.image = torch.from_numpy(emb.vectors)
         if texts:
