@@ -94,6 +94,8 @@ def evaluate(
 
     check_requests(names, opts.rerank, opts.score)
     names = captioning_requests(encoder, names, is_all, opts.caption_baseline)
+    if is_all and getattr(getattr(encoder, "model", None), "hash_heads", None) is None:
+        names = [n for n in names if n != "hashing"]  # "all": hash codes for hash runs (by name: ITQ/LSH too)
     if opts.rerank is not None:
         require_fusion(encoder, f"--rerank {opts.rerank}")
     if opts.score == "itm":
