@@ -4,13 +4,12 @@ default objective; the result is an ordinary run."""
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 
 import typer
 
 from xmodal.errors import UserError
-from xmodal.train.cli import run_training, train
+from xmodal.train.cli import option, run_training, with_train_options
 
 DEFAULT_OBJECTIVE = "clip+affinity"
 _REPLACED = ("model", "pretrained")  # the student gives these
@@ -43,50 +42,34 @@ def distill(**kw) -> None:
     run_training(config, resume, resume_override, kw)
 
 
-_OWN = [
-    inspect.Parameter(
-        "teacher",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=typer.Option(
+with_train_options(
+    distill,
+    [
+        option(
+            "teacher",
             None,
-            help="The teacher: an xmodal run, an open_clip export folder, or an open_clip config with "
+            str | None,
+            "The teacher: an xmodal run, an open_clip export folder, or an open_clip config with "
             "--teacher-pretrained (default with inherit:…: the run the student inherits from).",
         ),
-        annotation=str | None,
-    ),
-    inspect.Parameter(
-        "teacher_pretrained",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=typer.Option(None, help="Local weights for a teacher given as a config."),
-        annotation=str | None,
-    ),
-    inspect.Parameter(
-        "student",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=typer.Option(
+        option("teacher_pretrained", None, str | None, "Local weights for a teacher given as a config."),
+        option(
+            "student",
             ...,
-            help="The student: a model config (xm-micro, a .json), or inherit:RUN:layers=N,width=F "
+            str,
+            "The student: a model config (xm-micro, a .json), or inherit:RUN:layers=N,width=F "
             "(layers and heads kept from RUN's weights; docs/distill.md).",
         ),
-        annotation=str,
-    ),
-    inspect.Parameter(
-        "teacher_cache",
-        inspect.Parameter.KEYWORD_ONLY,
-        default=typer.Option(
+        option(
+            "teacher_cache",
             None,
-            help="auto: embed the training set with the teacher once and reuse it (live where augmentation "
+            str | None,
+            "auto: embed the training set with the teacher once and reuse it (live where augmentation "
             "changes the inputs) | on | off.",
         ),
-        annotation=str | None,
-    ),
-]
-_TRAIN = [
-    p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-    for name, p in inspect.signature(train).parameters.items()
-    if name not in _REPLACED
-]
-distill.__signature__ = inspect.Signature(_OWN + _TRAIN)  # typer reads the options from here
+    ],
+    _REPLACED,
+)
 distill.__doc__ = (
     "Distil a teacher into a smaller student (TinyCLIP affinity mimicking, feature distillation, weight "
     f"inheritance); train options apply. Default objective: {DEFAULT_OBJECTIVE}."

@@ -12,7 +12,7 @@ import typer
 
 from xmodal.errors import UserError
 from xmodal.fsutil import write_text_atomic
-from xmodal.train.cli import run_training, train
+from xmodal.train.cli import option, run_training, with_train_options
 
 hash_app = typer.Typer(help="Learned binary codes: hash heads on a trained model.", no_args_is_help=True)
 DEFAULT_OBJECTIVE = {"linear": "dcmh", "recurrent": "bebr"}
@@ -43,12 +43,6 @@ def hash_train(**kw) -> None:
     run_training(config, resume, resume_override, kw)
 
 
-def _opt(name: str, default, annotation, help: str) -> inspect.Parameter:
-    return inspect.Parameter(
-        name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, help=help), annotation=annotation
-    )
-
-
 _OWN = [
     inspect.Parameter(
         "run",
@@ -56,18 +50,13 @@ _OWN = [
         default=typer.Argument(..., help="The trained xmodal run whose embeddings the codes hash."),
         annotation=str,
     ),
-    _opt("bits", 64, int, "Bits per code step (a multiple of 8)."),
-    _opt("head", "linear", str, "linear: DCMH's tanh layer | recurrent: BEBR's recurrent binarization."),
-    _opt("code_steps", 1, int, "Recurrent heads: binarization steps (codes of 1×, 2×, … the bits)."),
-    _opt("hidden", 0, int, "Recurrent heads: MLP width (0 = the embedding width)."),
-    _opt("unfreeze", False, bool, "Fine-tune the towers with the heads (default: towers frozen)."),
+    option("bits", 64, int, "Bits per code step (a multiple of 8)."),
+    option("head", "linear", str, "linear: DCMH's tanh layer | recurrent: BEBR's recurrent binarization."),
+    option("code_steps", 1, int, "Recurrent heads: binarization steps (codes of 1×, 2×, … the bits)."),
+    option("hidden", 0, int, "Recurrent heads: MLP width (0 = the embedding width)."),
+    option("unfreeze", False, bool, "Fine-tune the towers with the heads (default: towers frozen)."),
 ]
-_TRAIN = [
-    p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
-    for name, p in inspect.signature(train).parameters.items()
-    if name not in _REPLACED
-]
-hash_train.__signature__ = inspect.Signature(_OWN + _TRAIN)
+with_train_options(hash_train, _OWN, _REPLACED)
 hash_train.__doc__ = (
     "Train hash heads on RUN's frozen embeddings (dcmh for linear heads, bebr for recurrent ones, by "
     "default); train options apply."

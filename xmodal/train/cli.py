@@ -1,5 +1,6 @@
 """`xmodal train` and `xmodal export`."""
 
+import inspect
 from pathlib import Path
 
 import typer
@@ -96,6 +97,24 @@ def train(
     """Train an image-text embedding model."""
     overrides = {k: v for k, v in locals().items() if k not in ("config", "resume", "resume_override")}
     run_training(config, resume, resume_override, overrides)
+
+
+def option(name: str, default, annotation, help: str) -> inspect.Parameter:
+    """A keyword-only typer option, for commands that extend `train`'s signature (`with_train_options`)."""
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, help=help), annotation=annotation
+    )
+
+
+def with_train_options(command, own: list[inspect.Parameter], replaced: tuple[str, ...]) -> None:
+    """Give `command(**kw)` its own parameters followed by every `train` option except `replaced`; typer
+    reads the options from the signature, so distill and hash train take all of train's flags."""
+    rest = [
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+        for name, p in inspect.signature(train).parameters.items()
+        if name not in replaced
+    ]
+    command.__signature__ = inspect.Signature(own + rest)
 
 
 def run_training(config: str | None, resume: bool, resume_override: bool, overrides: dict) -> None:
