@@ -141,6 +141,7 @@ class AnnMixin:
     def rebuild_ann(self) -> None:
         """(Re)train and fill the ANN structure from the current vectors and banks."""
         n = len(self)
+        self.info["trained_on"] = n  # items the fitted parts (IVF/PQ, ITQ/LSH) saw; see SearchIndex.optimize
         kind = effective_kind(self.info["kind"], n)
         self.info["effective_kind"] = kind
         self.info["params"] = auto_params(kind, n, self.ann_dim(), self.info.get("options", {}))

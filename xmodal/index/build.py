@@ -268,6 +268,8 @@ def add_to_index(
         idx.save(path)
         shutil.rmtree(work, ignore_errors=True)
     log(f"added {n} item(s); {path} now holds {len(idx)}")
+    if hint := idx.training_hint():  # IVF/PQ/ITQ fitted to a much smaller collection
+        log(hint)
     return n
 
 

@@ -1,4 +1,4 @@
-"""`xmodal index build|add|delete|bank|info` and `xmodal search`."""
+"""`xmodal index build|add|delete|optimize|bank|info` and `xmodal search`."""
 
 from __future__ import annotations
 
@@ -121,6 +121,21 @@ def delete_cmd(
     from xmodal.index.build import delete_from_index
 
     delete_from_index(index, _ids(ids))
+
+
+@index_app.command("optimize")
+def optimize_cmd(
+    index: Path = typer.Argument(..., help="Index directory."),
+    force: bool = typer.Option(
+        False, "--force", help="Retrain even when the ANN was trained on the current item count."
+    ),
+) -> None:
+    """Retrain the ANN's fitted parts (IVF centroids, PQ codebooks, ITQ rotation / LSH mean) and its
+    size-dependent settings on the current items, e.g. after `index add` grew the collection; ids, metadata
+    and vectors stay. flat, hnsw and learned-binary have nothing to retrain (a one-line note)."""
+    from xmodal.index.mutation import optimize_index
+
+    optimize_index(index, force=force)
 
 
 @index_app.command("bank")

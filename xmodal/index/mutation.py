@@ -17,8 +17,23 @@ import pyarrow as pa
 
 from xmodal import fsutil
 from xmodal.errors import UserError
-from xmodal.index.ann import effective_kind, l2n
+from xmodal.index.ann import effective_kind, l2n, new_float_index
 from xmodal.index.meta import concat_meta, now, rows_to_table
+
+GROWTH_HINT = 2.0  # `index add` suggests `index optimize` once the collection outgrows its training by this
+
+
+def has_trained_parts(kind: str, dim: int) -> bool:
+    """Whether an ANN of (effective) `kind` holds parts fitted to the data — IVF centroids, PQ codebooks,
+    the ITQ rotation / LSH mean — that go stale as the collection changes (flat, HNSW, learned codes: no)."""
+    if kind in ("ivfpq", "binary"):
+        return True
+    if kind in ("flat", "hnsw", "learned-binary"):
+        return False
+    try:  # a factory string: IVF…, PQ…, OPQ… need training; Flat, HNSW… do not
+        return not new_float_index(kind, dim, {}).is_trained
+    except UserError:
+        return False
 
 
 class MutationMixin:
@@ -65,7 +80,10 @@ class MutationMixin:
                     captions=mode,
                     decoding=decoding,
                 )
-            return self.add_embedded(emb)
+            n = self.add_embedded(emb)
+            if log is not None and (hint := self.training_hint()):
+                log(hint)
+            return n
 
     def add_embedded(self, emb: Any) -> int:
         """Append already embedded items (an `embed.Embedded`). Ids must be new. Returns the count added."""
@@ -153,3 +171,74 @@ class MutationMixin:
             self.info["count"] = len(self)
             self.info["updated"] = now()
         return len(rows)
+
+    def training_hint(self) -> str | None:
+        """A one-line suggestion to run `xmodal index optimize` once the collection has grown past
+        GROWTH_HINT × the items its trained parts saw (None when they are current, or the kind has none)."""
+        trained_on = self.info.get("trained_on")
+        if not trained_on or not has_trained_parts(self.kind, self.ann_dim()):
+            return None
+        if len(self) <= GROWTH_HINT * int(trained_on):
+            return None
+        where = self.path if self.path is not None else "INDEX"
+        return (
+            f"{where}: the {self.kind} index was trained on {trained_on} items and now holds {len(self)}; "
+            f"retrain it for better recall: xmodal index optimize {where}"
+        )
+
+    def optimize(self, force: bool = False) -> dict[str, Any]:
+        """Retrain the ANN's fitted parts (IVF centroids, PQ codebooks, ITQ rotation / LSH mean) and its
+        N-dependent parameters (nlist, nprobe, PQ bits) on the current vectors, in memory (`.save()` writes
+        it). Ids, metadata, vectors, banks and caption gallery stay as they are: only the ANN is replaced.
+
+        Kinds without fitted parts (flat, hnsw, learned-binary) are left alone — deleted items leave no
+        tombstones (delete refills the ANN), so a rebuild would give the same structure. Without `force`,
+        an ANN already trained on exactly the current item count is kept too.
+        Returns {"retrained", "kind", "count", "trained_on_before", "trained_on", "params", "reason"}."""
+        with self._writing():
+            n = len(self)
+            before = self.info.get("trained_on")
+            target = effective_kind(self.info["kind"], n)
+            out: dict[str, Any] = {
+                "retrained": False,
+                "kind": target,
+                "count": n,
+                "trained_on_before": before,
+                "trained_on": before,
+            }
+            if target == self.kind and not has_trained_parts(target, self.ann_dim()):
+                kind = self.info["kind"]
+                shown = kind if kind == target else f"{kind} (searched as {target} at {n} items)"
+                out["reason"] = f"kind {shown} has no trained parts; nothing to retrain"
+                return out
+            if target == self.kind and before == n and not force:
+                out["reason"] = f"already trained on all {n} items (--force retrains anyway)"
+                return out
+            self.rebuild_ann()
+            self.info["trained_on"] = n  # also for an ann.py whose rebuild_ann does not record it
+            self.info["optimized"] = now()
+            out.update(retrained=True, kind=self.kind, trained_on=n, params=dict(self.info["params"]))
+            out["reason"] = f"retrained on {n} items" + (f" (was {before})" if before is not None else "")
+            return out
+
+
+def optimize_index(path: str | Path, *, force: bool = False, log: Any = None) -> dict[str, Any]:
+    """`xmodal index optimize`: retrain the ANN of the index at `path` on its current items and write the
+    directory atomically under the writer lock (as add/delete do); a crash leaves the previous index."""
+    import sys
+
+    from xmodal.index.persist import open_index
+
+    log = log or (lambda m: print(m, file=sys.stderr, flush=True))
+    path = Path(path).absolute()
+    if not (path / "index.json").is_file() and not fsutil.backup_path(path).is_dir():
+        raise UserError(
+            f"INDEX {path}: not an xmodal index (no index.json); build one with `xmodal index build`"
+        )
+    with fsutil.locked(path):
+        idx = open_index(path, mmap=False)
+        res = idx.optimize(force=force)
+        if res["retrained"]:
+            idx.save(path)
+    log(f"{path}: {res['reason']}" + (f"; params {res['params']}" if res["retrained"] else ""))
+    return res
