@@ -72,3 +72,22 @@ def test_identical_codes_of_one_class_are_perfect():
     labels = [i // 10 for i in range(30)]
     m = hashing_metrics(base, db, [0, 1, 2], labels, ks=(10, 30))
     assert m["mAP@10"] == 1.0 and m["P@H<=2"] == 1.0 and m["bits"] == 32
+
+
+def test_pr_plot_is_a_png_with_a_curve_per_method():
+    import io
+
+    from PIL import Image
+
+    from xmodal.eval.report import plot_hashing_pr
+
+    q, db = codes(6, 16, 10), codes(30, 16, 11)
+    ql, dbl = [i % 3 for i in range(6)], [i % 3 for i in range(30)]
+    m = hashing_metrics(q, db, ql, dbl)
+    res = {"methods": {n: {"t2i": m, "i2t": m, "bits": 16} for n in ("learned", "itq-16", "lsh-16")}}
+    for d in ("t2i", "i2t"):
+        png = plot_hashing_pr(res, d)
+        assert png.startswith(b"\x89PNG\r\n\x1a\n")
+        im = Image.open(io.BytesIO(png))
+        im.verify()
+        assert im.format == "PNG" and im.size[0] > 200

@@ -227,8 +227,21 @@ def test_eval_task_hashing_scores_learned_codes_beside_itq_and_lsh(base, tmp_pat
         "20",
         "--json",
         out,
+        "--report",
+        tmp_path / "rep",
     )
     res = json.loads(out.read_text())["hashing"]
+    # the report: one precision–recall PNG per direction, also inlined in the hashing section
+    from PIL import Image
+
+    page = (tmp_path / "rep" / "index.html").read_text()
+    section = page.split("<h2>hashing</h2>", 1)[1].split("<h2>", 1)[0]
+    for d in ("t2i", "i2t"):
+        png = tmp_path / "rep" / f"hashing_pr_{d}.png"
+        with Image.open(png) as im:
+            assert im.format == "PNG"
+            im.verify()
+        assert f'alt="hashing_pr_{d}.png"' in section and 'src="data:image/png;base64,' in section
     assert set(res["methods"]) == {"learned", "itq-16", "itq-32", "lsh-16", "lsh-32"}
     assert res["methods"]["learned"]["bytes_per_item"] == 2 and res["float_bytes_per_item"] == 32 * 4
     # the learned row is the metric of the heads' own codes, text queries against the image gallery

@@ -108,6 +108,46 @@ def plot_gap(img: np.ndarray, txt: np.ndarray) -> bytes:
     return _fig_png(fig)
 
 
+HASH_DIRECTIONS = {"t2i": "text → image", "i2t": "image → text"}
+
+
+def plot_hashing_pr(res: dict[str, Any], direction: str) -> bytes:
+    """Precision against recall by Hamming radius, one curve per code (learned, itq-B, lsh-B), so codes of
+    different lengths compare at equal recall rather than at equal radius."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.2, 4.2))
+    ax = fig.subplots()
+    import matplotlib
+
+    methods = res.get("methods", {})
+    styles = {"itq": ("Blues", "-", "."), "lsh": ("Oranges", "--", ".")}  # darker shade: more bits
+    for name, m in methods.items():
+        curve = m.get(direction, {}).get("pr_curve")
+        if not curve:
+            continue
+        family = name.split("-")[0]
+        if family in styles:
+            cmap, line, marker = styles[family]
+            same = [n for n in methods if n.split("-")[0] == family]
+            shade = 0.45 + 0.5 * same.index(name) / max(1, len(same) - 1)
+            color = matplotlib.colormaps[cmap](shade)
+        else:  # the model's own (learned) codes
+            color, line, marker = "#111111", "-", "o"
+        label = f"{name} ({m.get('bits')} bits)" if family == "learned" else name
+        ax.plot(
+            curve["recall"], curve["precision"], line, marker=marker, ms=3, lw=1.4, color=color, label=label
+        )
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("recall")
+    ax.set_ylabel("precision")
+    ax.set_title(f"hashing {HASH_DIRECTIONS[direction]}: precision–recall by Hamming radius", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _fig_png(fig)
+
+
 def _table(d: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     """Flattened (key, value) rows; curves (lists of more than 12 values) stay in the JSON and the plots."""
     rows: list[tuple[str, Any]] = []
@@ -288,6 +328,10 @@ def write_report(report_dir: str | Path, results: dict, ctx: EvalContext) -> Pat
         plots.append(("hubness", "hubness_nk.png", plot_nk(a["nk"])))
     if "gap_points" in a:
         plots.append(("gap", "gap_pca.png", plot_gap(*a["gap_points"])))
+    hashing = results.get("hashing")
+    if isinstance(hashing, dict) and hashing.get("methods"):
+        for d in HASH_DIRECTIONS:
+            plots.append(("hashing", f"hashing_pr_{d}.png", plot_hashing_pr(hashing, d)))
     for _, name, png in plots:
         (out / name).write_bytes(png)
 
