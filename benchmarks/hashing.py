@@ -72,7 +72,7 @@ def common(a, out: Path, steps: int) -> list:
 
 
 def bench_dataset(a, ds) -> dict:
-    work = a.work_dir / ds.name
+    work = a.work_dir / "runs" / ds.name  # (the data sets live in work_dir/<name>)
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     base = work / "base"
