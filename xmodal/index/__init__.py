@@ -10,8 +10,10 @@ from typing import Any
 from xmodal.index.store import KINDS, NORMS, SearchIndex, open_index
 
 _BUILD = ("add_bank", "add_to_index", "build_index", "delete_from_index")
+_CHUNKS = ("ChunkPlan", "embed_chunk", "plan_chunks")  # scale-out: one chunk per map task (docs/search.md)
 
 __all__ = [
+    "ChunkPlan",
     "KINDS",
     "NORMS",
     "SearchIndex",
@@ -19,7 +21,9 @@ __all__ = [
     "add_to_index",
     "build_index",
     "delete_from_index",
+    "embed_chunk",
     "open_index",
+    "plan_chunks",
 ]
 
 
@@ -28,4 +32,8 @@ def __getattr__(name: str) -> Any:
         from xmodal.index import build
 
         return getattr(build, name)
+    if name in _CHUNKS:
+        from xmodal.index import embed
+
+        return getattr(embed, name)
     raise AttributeError(f"module 'xmodal.index' has no attribute {name!r}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 from collections.abc import Sequence
@@ -14,9 +15,19 @@ import pyarrow as pa
 from xmodal import fsutil
 from xmodal.errors import UserError
 from xmodal.index import captions as gen_captions
+from xmodal.index import scaleout
 from xmodal.index.ann import KINDS
 from xmodal.index.binary import METHODS as BINARY_METHODS
-from xmodal.index.embed import MAX_PIXELS, embed_collection, to_collection
+from xmodal.index.embed import (
+    MAX_PIXELS,
+    Embedded,
+    StaleWork,
+    assemble_chunks,
+    embed_chunks,
+    embed_collection,
+    plan_chunks,
+    to_collection,
+)
 from xmodal.index.folding import DEFAULT_BETA
 from xmodal.index.meta import new_info, rows_to_table
 from xmodal.index.persist import open_index
@@ -73,8 +84,9 @@ def build_index(
     max_pixels: int = MAX_PIXELS,
     captions: str = "keep",
     decoding: Any = None,
+    embed_missing: bool = True,
     log: Any = _log,
-) -> SearchIndex:
+) -> SearchIndex | None:
     """Embed `data` with `encoder` and write the index directory `out` (atomically; a previous index at `out`
     stays usable until the new one replaces it). Returns the opened SearchIndex (encoder attached).
 
@@ -85,8 +97,15 @@ def build_index(
     Embedding runs in chunks saved under `work_dir` (default OUT.work/) so a killed build resumes.
     captions: keep (the collection's captions) | generate (items without one get a caption from the
     model's caption decoder — a CoCa model — with `decoding`, in the same chunks; implies
-    caption_gallery; see `xmodal.index.captions`)."""
+    caption_gallery; see `xmodal.index.captions`).
+    embed_missing=False: only assemble the chunks that `embed_chunk` left in `work_dir` (a Ray/Spark map
+    step); a missing one is a UserError naming it. Under torchrun (WORLD_SIZE > 1) every rank embeds its
+    share of the chunks and rank 0 alone writes `out`; the other ranks return None (see `_embed_ranks`)."""
     _check_kind(kind, bits, binary_method, rerank)
+    ranks = scaleout.current()
+    say = ranks.tag(log)  # each rank reports its own chunks; everything else only from rank 0
+    if not ranks.is_main:
+        log = _quiet
     coder = _learned_coder(encoder) if kind == "learned-binary" else None
     generate = gen_captions.check_mode(captions) == "generate"
     if generate:
@@ -110,19 +129,24 @@ def build_index(
         captions=captions,
     )
     work = Path(work_dir) if work_dir else out.parent / f"{out.name}.work"
-    with fsutil.locked(out):
-        emb = embed_collection(
+    with fsutil.locked(out) if ranks.is_main else contextlib.nullcontext():  # only rank 0 writes `out`
+        emb = _embed_ranks(
             encoder,
             coll,
             work,
+            ranks,
+            embed_missing=embed_missing,
+            progress=progress,
+            log=log,
+            say=say,
             chunk_size=chunk_size,
             caption_gallery=caption_gallery,
             thumb_size=thumb_size,
-            progress=progress,
-            log=log,
             captions=captions,
             decoding=decoding,
         )
+        if emb is None:  # a torchrun rank other than 0: its chunks are in `work`, rank 0 writes the index
+            return None
         skipped = {**read_skips}
         for k, v in emb.skipped.items():
             skipped[k] = skipped.get(k, 0) + v
@@ -194,6 +218,76 @@ def build_index(
             shutil.rmtree(work, ignore_errors=True)
     log(f"index written: {out} ({len(idx)} items, kind {idx.kind})")
     return idx
+
+
+def _quiet(msg: str) -> None:
+    pass
+
+
+# Rank 0 waits this long for other ranks' chunks to show up: a shared filesystem (NFS) can list another
+# node's new files late.
+SHARED_FS_WAIT_S = 60.0
+
+
+def _embed_ranks(
+    encoder: Any,
+    coll: Any,
+    work: Path,
+    ranks: scaleout.Ranks,
+    *,
+    embed_missing: bool,
+    progress: bool,
+    log: Any,
+    say: Any,
+    **settings: Any,
+) -> Embedded | None:
+    """The embedding of `build_index`. One process: embed every chunk (or only assemble them, without
+    embed_missing). Under torchrun: rank 0 plans the work folder, a barrier, every rank embeds its share
+    (chunk c → rank c % world; finished chunks are skipped), a barrier, and rank 0 alone assembles all
+    chunks from the folder, never recomputing another rank's (a missing one is a UserError saying to
+    rerun). Other ranks return None. The process group serves only the two barriers."""
+    if not ranks.enabled:
+        if embed_missing:
+            return embed_collection(encoder, coll, work, progress=progress, log=log, **settings)
+        plan = plan_chunks(encoder, coll, work, create=False, log=log, **settings)
+        log(f"assembling {len(plan)} chunk(s) from {work}")
+        return assemble_chunks(plan, embed_missing=False, log=log)
+    r, w = ranks.rank, ranks.world
+    with ranks.joined():
+        if ranks.is_main:
+            plan = plan_chunks(encoder, coll, work, replace_stale=True, log=say, **settings)
+        planned = ranks.barrier()
+        if not ranks.is_main:
+            if not planned:
+                raise UserError(f"rank {r}: lost contact with rank 0; rerun the same command")
+            try:
+                plan = plan_chunks(encoder, coll, work, create=False, log=say, **settings)
+            except StaleWork as e:
+                why = (
+                    "not found: all nodes must see the same --out/--work-dir folder (a shared filesystem)"
+                    if e.no_stamp
+                    else "planned by rank 0 for another collection, model or settings: give every rank the "
+                    "same MODEL, --data and flags"
+                )
+                raise UserError(f"rank {r}: {work / 'work.json'} {why}") from None
+        mine = plan.share(r, w)
+        say(
+            f"embedding {len(coll)} items in {len(plan)} chunk(s) of {plan.chunk_size} over {w} ranks: "
+            f"{len(mine)} chunk(s) here (chunk c goes to rank c % {w})"
+        )
+        computed, reused, _ = embed_chunks(plan, mine, progress=progress and ranks.is_main, log=say)
+        say(f"embedding done: {computed} chunk(s) computed, {reused} reused")
+        finished = ranks.barrier()
+    if not ranks.is_main:
+        if not finished:
+            raise UserError(
+                f"rank {r}: lost contact with rank 0 before it wrote the index; rerun the same command"
+            )
+        return None
+    if not finished:
+        log("some rank stopped before the end; assembling the chunks that are there")
+    log(f"assembling {len(plan)} chunk(s) from {work}")
+    return assemble_chunks(plan, embed_missing=False, wait_s=SHARED_FS_WAIT_S, log=log)
 
 
 def _learned_coder(encoder: Any):

@@ -57,11 +57,18 @@ def build_cmd(
     label_key: str = typer.Option(None, "--label-key"),
     device: str = typer.Option(None, "--device", help="cpu | cuda (default: cuda when available)."),
     keep_work: bool = typer.Option(False, "--keep-work", help="Keep OUT.work/ chunks after success."),
+    work_dir: Path = typer.Option(
+        None,
+        "--work-dir",
+        help="Folder of the embedding chunks (default OUT.work/; shared by all torchrun nodes).",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress"),
 ) -> None:
-    """Embed a collection and write an index directory (resumable: a rerun reuses finished chunks)."""
+    """Embed a collection and write an index directory (resumable: a rerun reuses finished chunks). Under
+    torchrun each rank embeds a share of the chunks and rank 0 writes the index."""
     from xmodal.data.records import source_kind
     from xmodal.index import captions as gen_captions
+    from xmodal.index import scaleout
     from xmodal.index.build import _check_kind, build_index
     from xmodal.models import load_encoder
 
@@ -70,7 +77,7 @@ def build_cmd(
     if gen_captions.check_mode(captions) == "generate":
         decoding = gen_captions.make_decoding(caption_max_len, caption_beam)
     source_kind(data)  # fail on a missing/unknown --data before the (slow) model load
-    enc = load_encoder(model, pretrained, device)
+    enc = load_encoder(model, pretrained, scaleout.rank_device(device))  # torchrun: cuda:LOCAL_RANK
     build_index(
         enc,
         data,
@@ -89,6 +96,7 @@ def build_cmd(
         nlist=nlist,
         nprobe=nprobe,
         progress=progress,
+        work_dir=work_dir,
         keep_work=keep_work,
         image_key=image_key,
         caption_key=caption_key,
