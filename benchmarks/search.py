@@ -31,15 +31,25 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-# (label, kind, options for SearchIndex.from_vectors)
+# (label, kind, options for SearchIndex.from_vectors). "defaults": xmodal's N-dependent parameters untouched.
 CONFIGS = [
     ("flat (exact)", "flat", {}),
-    ("HNSW (M=32, efSearch 128)", "hnsw", {"rerank": 0}),
+    ("HNSW, defaults", "hnsw", {}),
+    ("IVF-PQ, defaults", "ivfpq", {}),
     ("IVF-PQ, PQ scores only", "ivfpq", {"rerank": 0}),
-    ("IVF-PQ + float re-rank of 100", "ivfpq", {"rerank": 100}),
-    ("binary ITQ 256 bit, Hamming only", "binary", {"rerank": 0, "bits": 256}),
-    ("binary ITQ 256 bit + float re-rank of 100", "binary", {"rerank": 100, "bits": 256}),
+    ("binary ITQ 256 bit, defaults", "binary", {}),
+    ("binary ITQ 256 bit, Hamming only", "binary", {"rerank": 0}),
+    ("binary ITQ 256 bit, binary HNSW", "binary", {"binary_index": "hnsw"}),
+    ("binary ITQ 256 bit, binary IVF", "binary", {"binary_index": "ivf"}),
+    ("learned-binary BEBR 4×64 bit, defaults", "learned-binary", {}),
 ]
+BEBR = {
+    "bits": 64,
+    "code_steps": 4,
+    "hidden": 128,
+    "train_steps": 200,
+    "batch_size": 512,
+}  # fit on the collection
 
 
 def parse_args() -> argparse.Namespace:
@@ -102,15 +112,30 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def ann_bytes(idx) -> int:
+    """The serialised ANN plus the code's own parameters (ITQ rotation, hash head weights)."""
     import faiss
 
     if idx.kind == "binary":
-        return (
-            int(faiss.serialize_index_binary(idx.ann).size)
-            + idx.coder.projection.nbytes
-            + idx.coder.mean.nbytes
-        )
-    return int(faiss.serialize_index(idx.ann).size)
+        coder = idx.coder.projection.nbytes + idx.coder.mean.nbytes
+    elif idx.kind == "learned-binary":
+        coder = sum(v.nbytes for v in idx.coder.state.values())
+    else:
+        return int(faiss.serialize_index(idx.ann).size)
+    return int(faiss.serialize_index_binary(idx.ann).size) + coder
+
+
+def params_text(kind: str, p: dict) -> str:
+    """The concrete parameters the index chose (or was given), for the table."""
+    parts = []
+    if kind == "hnsw" or p.get("binary_index") == "hnsw":
+        parts.append(f"M={p.get('hnsw_m')}, efSearch {p.get('ef_search')}")
+    if "nlist" in p:
+        parts.append(f"nlist={p['nlist']}, nprobe={p['nprobe']}")
+    if kind == "ivfpq":
+        parts.append(f"m={p.get('pq_m')}×{p.get('pq_nbits')} bit")
+    if p.get("rerank"):
+        parts.append(f"re-rank {p['rerank']}")
+    return ", ".join(parts)
 
 
 def _mem_total() -> int:
@@ -136,12 +161,17 @@ def bench_collection(name: str, x: np.ndarray, q: np.ndarray, a) -> tuple[list[t
 
     n = len(x)
     truth = exact_topk(x, q, a.k)
-    together = 3 * len(CONFIGS) * x.nbytes < 0.4 * _mem_total()
+    together = 3 * len(CONFIGS) * x.nbytes < 0.4 * _mem_total()  # (each index keeps its own float copy)
     m = min(a.latency_queries, len(q))
     out: dict[str, dict] = {}
 
     def build(label, kind, opts):
         t = time.perf_counter()
+        if kind == "learned-binary":  # heads fit on (a sample of) the collection itself, as ITQ is
+            from xmodal.hashing.fit import fit_bebr
+            from xmodal.index.binary import LearnedCoder
+
+            opts = {**opts, "coder": LearnedCoder.from_heads(fit_bebr(x, **BEBR))}
         idx = SearchIndex.from_vectors(x, kind=kind, **opts)
         out[label] = {"build": time.perf_counter() - t, "times": [], "idx": idx}
         print(f"   {name}: built {label} in {out[label]['build']:.1f} s", flush=True)
@@ -164,12 +194,7 @@ def bench_collection(name: str, x: np.ndarray, q: np.ndarray, a) -> tuple[list[t
         p = idx.info["params"]
         out[label]["lat"] = C.median(ts) * 1000
         out[label]["bytes"] = ann_bytes(idx) / n
-        out[label]["detail"] = {
-            "hnsw": f"M={p.get('hnsw_m')}",
-            "ivfpq": f"nlist={p.get('nlist')}, nprobe={p.get('nprobe')}, "
-            f"m={p.get('pq_m')}×{p.get('pq_nbits')} bit",
-            "binary": p.get("binary_method"),
-        }.get(idx.kind, "")
+        out[label]["detail"] = params_text(idx.kind, p)
         del out[label]["idx"]
         gc.collect()
 

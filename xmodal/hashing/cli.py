@@ -16,6 +16,7 @@ from xmodal.train.cli import option, run_training, with_train_options
 
 hash_app = typer.Typer(help="Learned binary codes: hash heads on a trained model.", no_args_is_help=True)
 DEFAULT_OBJECTIVE = {"linear": "dcmh", "recurrent": "bebr"}
+SHARED = {"auto": None, "yes": True, "no": False}
 _REPLACED = ("model", "pretrained", "init_from", "hf_text", "hf_pooler", "lock_image", "lock_text")
 
 
@@ -23,8 +24,8 @@ def hash_train(**kw) -> None:
     from xmodal.hashing.heads import HashHeads
     from xmodal.train.config import load_run_config
 
-    run, bits, head, code_steps, hidden, unfreeze = (
-        kw.pop(k) for k in ("run", "bits", "head", "code_steps", "hidden", "unfreeze")
+    run, bits, head, code_steps, hidden, shared, unfreeze = (
+        kw.pop(k) for k in ("run", "bits", "head", "code_steps", "hidden", "shared", "unfreeze")
     )
     config, resume, resume_override = kw.pop("config"), kw.pop("resume"), kw.pop("resume_override")
     out = kw.get("out")
@@ -33,7 +34,10 @@ def hash_train(**kw) -> None:
     base = dict(load_run_config(Path(run))["model_config"])
     for aid in ("tgmim", "feature_proj", "hash_heads"):  # the base run's own training aids
         base.pop(aid, None)
-    heads = HashHeads(int(base["embed_dim"]), bits, kind=head, steps=code_steps, hidden=hidden)
+    if shared not in SHARED:
+        raise UserError(f"--shared {shared}: use auto, yes or no")
+    shared = SHARED[shared]
+    heads = HashHeads(int(base["embed_dim"]), bits, kind=head, steps=code_steps, hidden=hidden, shared=shared)
     model_json = Path(out) / "hash_model.json"
     model_json.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(model_json, json.dumps({**base, "hash_heads": heads.config()}, indent=2))
@@ -54,6 +58,13 @@ _OWN = [
     option("head", "linear", str, "linear: DCMH's tanh layer | recurrent: BEBR's recurrent binarization."),
     option("code_steps", 1, int, "Recurrent heads: binarization steps (codes of 1×, 2×, … the bits)."),
     option("hidden", 0, int, "Recurrent heads: MLP width (0 = the embedding width)."),
+    option(
+        "shared",
+        "auto",
+        str,
+        "One network codes both modalities: auto (recurrent: yes; linear: no, DCMH's per-modality heads) "
+        "| yes | no.",
+    ),
     option("unfreeze", False, bool, "Fine-tune the towers with the heads (default: towers frozen)."),
 ]
 with_train_options(hash_train, _OWN, _REPLACED)

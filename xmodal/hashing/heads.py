@@ -25,8 +25,11 @@ recurrence above follows that description; these details are our choices:
   with ResBlock(v) = v + Linear(GELU(Linear(LayerNorm(v)))) (pre-norm, width h) and h = `hidden`, or
   `dim` when `hidden` is 0. LayerNorm, not BatchNorm, so that every row is coded on its own (codes do not
   depend on the batch, and data-parallel losses stay exact).
-- Each step has its own encoder and decoder (no weight sharing between steps); the image and text heads
-  are separate networks.
+- Each step has its own encoder and decoder (no weight sharing between steps). By default one recurrent
+  network codes both modalities (`shared`): the embeddings already share one space, and the
+  embedding-to-embedding training has no cross-modal term, so separate image and text networks would
+  code the two modalities in unrelated bit spaces and cross-modal Hamming distances would mean nothing.
+  Linear (DCMH) heads are per modality by default: their pairwise loss aligns the two codes.
 - The reconstructions are not scaled by a fixed factor (such as 2^{1−u}): each decoder ψ_u learns the
   magnitude of the residual it restores.
 - The straight-through estimator is the clipped one of binarized networks (Hubara et al. 2016): the
@@ -114,7 +117,15 @@ def check_bits(bits: int) -> None:
 class HashHeads(nn.Module):
     """Per-modality hash heads on `dim`-wide embeddings; see the module docstring for the two kinds."""
 
-    def __init__(self, dim: int, bits: int, kind: str = "linear", steps: int = 1, hidden: int = 0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        bits: int,
+        kind: str = "linear",
+        steps: int = 1,
+        hidden: int = 0,
+        shared: bool | None = None,
+    ) -> None:
         super().__init__()
         check_bits(bits)
         if kind not in KINDS:
@@ -126,13 +137,19 @@ class HashHeads(nn.Module):
         if dim <= 0 or hidden < 0:
             raise ValueError(f"HashHeads: dim={dim}, hidden={hidden}")
         self.dim, self.bits, self.kind, self.steps, self.hidden = dim, bits, kind, steps, hidden
+        self.shared = kind == "recurrent" if shared is None else bool(shared)
         width = hidden or dim
-        if kind == "linear":
-            self.heads = nn.ModuleDict({m: nn.Linear(dim, bits) for m in MODALITIES})
-        else:
-            self.heads = nn.ModuleDict(
-                {m: nn.ModuleList(_Step(dim, bits, width) for _ in range(steps)) for m in MODALITIES}
-            )
+
+        def head() -> nn.Module:
+            if kind == "linear":
+                return nn.Linear(dim, bits)
+            return nn.ModuleList(_Step(dim, bits, width) for _ in range(steps))
+
+        self.heads = nn.ModuleDict({m: head() for m in (("shared",) if self.shared else MODALITIES)})
+
+    def head(self, modality: str) -> nn.Module:
+        """The network that codes `modality` (the one shared network when `shared`)."""
+        return self.heads["shared" if self.shared else modality]
 
     @property
     def total_bits(self) -> int:
@@ -149,7 +166,7 @@ class HashHeads(nn.Module):
         """The recurrence: (codes b_u, reconstructions x̂_u) for u = 1…steps."""
         codes, recons = [], []
         recon = torch.zeros_like(x)
-        for step in self.heads[modality][:steps]:
+        for step in self.head(modality)[:steps]:
             b = binarize(step.encoder(x - recon))
             recon = recon + step.decoder(b)
             codes.append(b)
@@ -160,7 +177,7 @@ class HashHeads(nn.Module):
         """b × total_bits, differentiable: tanh outputs (linear) or straight-through ±1 codes (recurrent)."""
         x = self._input(x, modality)
         if self.kind == "linear":
-            return torch.tanh(self.heads[modality](x))
+            return torch.tanh(self.head(modality)(x))
         return torch.cat(self._run(x, modality, self.steps, sign_ste)[0], dim=1)
 
     def reconstruct(self, x: torch.Tensor, modality: str) -> list[torch.Tensor]:
@@ -177,7 +194,7 @@ class HashHeads(nn.Module):
             raise ValueError(f"steps must be in 1…{self.steps}, not {steps}")
         x = self._input(x, modality)
         if self.kind == "linear":
-            return sign(self.heads[modality](x))
+            return sign(self.head(modality)(x))
         return torch.cat(self._run(x, modality, steps, sign)[0], dim=1)
 
     @staticmethod
@@ -198,11 +215,12 @@ class HashHeads(nn.Module):
             "kind": self.kind,
             "steps": self.steps,
             "hidden": self.hidden,
+            "shared": self.shared,
         }
 
     @classmethod
     def from_config(cls, d: dict[str, Any]) -> HashHeads:
-        keys = {"dim", "bits", "kind", "steps", "hidden"}
+        keys = {"dim", "bits", "kind", "steps", "hidden", "shared"}
         if not set(d) <= keys or not {"dim", "bits"} <= set(d):
             raise ValueError(f"hash head config {d!r}: expected keys {sorted(keys)}")
-        return cls(**d)
+        return cls(**{"shared": False, **d})  # (configs written before `shared` had per-modality heads)

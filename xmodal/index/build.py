@@ -16,7 +16,7 @@ from xmodal import fsutil
 from xmodal.errors import UserError
 from xmodal.index import captions as gen_captions
 from xmodal.index import scaleout
-from xmodal.index.ann import KINDS
+from xmodal.index.ann import BINARY_STRUCTURES, KINDS
 from xmodal.index.binary import METHODS as BINARY_METHODS
 from xmodal.index.embed import (
     MAX_PIXELS,
@@ -39,7 +39,9 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _check_kind(kind: str, bits: int, binary_method: str, rerank: int) -> None:
+def _check_kind(
+    kind: str, bits: int, binary_method: str, rerank: int | None, binary_index: str | None = None
+) -> None:
     if not kind or not kind.strip():
         raise UserError("--kind: empty; use flat, hnsw, ivfpq, binary or a FAISS factory string")
     if kind not in KINDS and not any(ch.isupper() for ch in kind):
@@ -52,8 +54,10 @@ def _check_kind(kind: str, bits: int, binary_method: str, rerank: int) -> None:
             raise UserError(f"--bits {bits}: must be a positive multiple of 8")
         if binary_method not in BINARY_METHODS:
             raise UserError(f"--binary-method {binary_method}: use one of {', '.join(BINARY_METHODS)}")
-    if rerank < 0:
+    if rerank is not None and rerank < 0:
         raise UserError(f"--rerank {rerank}: must be 0 (off) or more")
+    if binary_index is not None and binary_index not in BINARY_STRUCTURES:
+        raise UserError(f"--binary-index {binary_index}: use one of {', '.join(BINARY_STRUCTURES)}")
 
 
 def build_index(
@@ -66,7 +70,8 @@ def build_index(
     pretrained: str | None = None,
     bits: int = 256,
     binary_method: str = "itq",
-    rerank: int = 100,
+    rerank: int | None = None,
+    binary_index: str | None = None,
     chunk_size: int = 4096,
     caption_gallery: bool = False,
     thumb_size: int = 128,
@@ -101,7 +106,7 @@ def build_index(
     embed_missing=False: only assemble the chunks that `embed_chunk` left in `work_dir` (a Ray/Spark map
     step); a missing one is a UserError naming it. Under torchrun (WORLD_SIZE > 1) every rank embeds its
     share of the chunks and rank 0 alone writes `out`; the other ranks return None (see `_embed_ranks`)."""
-    _check_kind(kind, bits, binary_method, rerank)
+    _check_kind(kind, bits, binary_method, rerank, binary_index)
     ranks = scaleout.current()
     say = ranks.tag(log)  # each rank reports its own chunks; everything else only from rank 0
     if not ranks.is_main:
@@ -169,6 +174,7 @@ def build_index(
                 "rerank": rerank,
                 "bits": bits,
                 "binary_method": binary_method,
+                "binary_index": binary_index,
                 "hnsw_m": hnsw_m,
                 "ef_search": ef_search,
                 "nlist": nlist,

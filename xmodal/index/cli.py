@@ -29,7 +29,15 @@ def build_cmd(
     bits: int = typer.Option(256, "--bits", help="Code length for --kind binary (multiple of 8)."),
     binary_method: str = typer.Option("itq", "--binary-method", help="itq | lsh (for --kind binary)."),
     rerank: int = typer.Option(
-        100, "--rerank", help="Re-rank this many ANN candidates by float vectors (0: off)."
+        None,
+        "--rerank",
+        help="Re-rank this many ANN candidates by float vectors (0: off; default: grows with N for the "
+        "compressed kinds, 0 for flat and hnsw).",
+    ),
+    binary_index: str = typer.Option(
+        None,
+        "--binary-index",
+        help="binary / learned-binary codes: flat Hamming scan | hnsw | ivf (default: flat up to 2M items).",
     ),
     chunk_size: int = typer.Option(4096, "--chunk-size", help="Items per saved embedding chunk."),
     caption_gallery: bool = typer.Option(
@@ -47,9 +55,13 @@ def build_cmd(
     caption_beam: int = typer.Option(
         1, "--caption-beam", help="With --captions generate: beams (1: greedy decoding)."
     ),
-    nprobe: int = typer.Option(None, "--nprobe", help="IVF lists probed per query (default: nlist/4)."),
+    nprobe: int = typer.Option(
+        None, "--nprobe", help="IVF lists probed per query (default: max(8, nlist/4))."
+    ),
     nlist: int = typer.Option(None, "--nlist", help="IVF lists (default: √N, clamped)."),
-    ef_search: int = typer.Option(None, "--ef-search", help="HNSW efSearch (default 128)."),
+    ef_search: int = typer.Option(
+        None, "--ef-search", help="HNSW efSearch (default: 128 up to 100k items, then 128·√(N/100k))."
+    ),
     hnsw_m: int = typer.Option(32, "--hnsw-m", help="HNSW neighbours per node."),
     thumb_size: int = typer.Option(128, "--thumb-size", help="Stored thumbnail size in px (0: none)."),
     image_key: str = typer.Option(None, "--image-key"),
@@ -72,7 +84,7 @@ def build_cmd(
     from xmodal.index.build import _check_kind, build_index
     from xmodal.models import load_encoder
 
-    _check_kind(kind, bits, binary_method, rerank)
+    _check_kind(kind, bits, binary_method, rerank, binary_index)
     decoding = None
     if gen_captions.check_mode(captions) == "generate":
         decoding = gen_captions.make_decoding(caption_max_len, caption_beam)
@@ -88,6 +100,7 @@ def build_cmd(
         bits=bits,
         binary_method=binary_method,
         rerank=rerank,
+        binary_index=binary_index,
         chunk_size=chunk_size,
         caption_gallery=caption_gallery,
         thumb_size=thumb_size,

@@ -81,13 +81,14 @@ def new_info(
 ) -> dict[str, Any]:
     """A fresh index.json dict (params and counts are filled in when the ANN is built)."""
     opts = {
-        "rerank": 100,
+        "rerank": None,  # None: the depth grows with N (xmodal.index.ann.search_params)
         "bits": 256,
         "binary_method": "itq",
         "hnsw_m": 32,
         "ef_search": None,
         "nlist": None,
         "nprobe": None,
+        "binary_index": None,  # flat | hnsw | ivf Hamming index (None: by N)
         "seed": 0,
     }
     unknown = set(options) - set(opts)

@@ -17,16 +17,17 @@ import pyarrow as pa
 
 from xmodal import fsutil
 from xmodal.errors import UserError
-from xmodal.index.ann import effective_kind, l2n, new_float_index
+from xmodal.index.ann import effective_kind, l2n, new_float_index, search_params
 from xmodal.index.meta import concat_meta, now, rows_to_table
 
 GROWTH_HINT = 2.0  # `index add` suggests `index optimize` once the collection outgrows its training by this
 
 
-def has_trained_parts(kind: str, dim: int) -> bool:
+def has_trained_parts(kind: str, dim: int, binary_index: str = "flat") -> bool:
     """Whether an ANN of (effective) `kind` holds parts fitted to the data — IVF centroids, PQ codebooks,
-    the ITQ rotation / LSH mean — that go stale as the collection changes (flat, HNSW, learned codes: no)."""
-    if kind in ("ivfpq", "binary"):
+    the ITQ rotation / LSH mean, a binary IVF's lists — that go stale as the collection changes (flat,
+    HNSW, learned codes over a flat or HNSW Hamming index: no)."""
+    if kind in ("ivfpq", "binary") or (kind == "learned-binary" and binary_index == "ivf"):
         return True
     if kind in ("flat", "hnsw", "learned-binary"):
         return False
@@ -132,6 +133,8 @@ class MutationMixin:
                 self._ann_add(new)
             self._count_generated()
             self.info["count"] = len(self)
+            params = self.info["params"]  # efSearch, nprobe and the re-rank depth follow the new size
+            params.update(search_params(kind, len(self), params, self.info.get("options", {})))
             self.info["updated"] = now()
         return len(emb.rows)
 
@@ -176,7 +179,9 @@ class MutationMixin:
         """A one-line suggestion to run `xmodal index optimize` once the collection has grown past
         GROWTH_HINT × the items its trained parts saw (None when they are current, or the kind has none)."""
         trained_on = self.info.get("trained_on")
-        if not trained_on or not has_trained_parts(self.kind, self.ann_dim()):
+        if not trained_on or not has_trained_parts(
+            self.kind, self.ann_dim(), self.info["params"].get("binary_index", "flat")
+        ):
             return None
         if len(self) <= GROWTH_HINT * int(trained_on):
             return None
@@ -206,7 +211,9 @@ class MutationMixin:
                 "trained_on_before": before,
                 "trained_on": before,
             }
-            if target == self.kind and not has_trained_parts(target, self.ann_dim()):
+            if target == self.kind and not has_trained_parts(
+                target, self.ann_dim(), self.info["params"].get("binary_index", "flat")
+            ):
                 kind = self.info["kind"]
                 shown = kind if kind == target else f"{kind} (searched as {target} at {n} items)"
                 out["reason"] = f"kind {shown} has no trained parts; nothing to retrain"

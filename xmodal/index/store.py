@@ -121,11 +121,12 @@ class SearchIndex(SearchMixin, MutationMixin, FoldingMixin, AnnMixin, PersistMix
         kind: str = "flat",
         *,
         encoder: Any = None,
+        coder: Any = None,
         **options: Any,
     ) -> SearchIndex:
         """An in-memory index over precomputed embeddings (N×D); `rows` adds metadata per item.
-        options: rerank, bits, binary_method, hnsw_m, ef_search, nlist, nprobe, seed.
-        `.save(path)` persists it."""
+        options: rerank, bits, binary_method, binary_index, hnsw_m, ef_search, nlist, nprobe, seed;
+        `coder`: a `LearnedCoder` for kind learned-binary. `.save(path)` persists it."""
         vectors = l2n(vectors)
         n = len(vectors)
         ids = [str(i) for i in (ids if ids is not None else range(n))]
@@ -137,7 +138,7 @@ class SearchIndex(SearchMixin, MutationMixin, FoldingMixin, AnnMixin, PersistMix
         ]
         info = new_info(kind, vectors.shape[1], options, image_size=getattr(encoder, "image_size", None))
         info["count"] = n
-        idx = cls(info, rows_to_table(meta_rows), vectors, encoder=encoder)
+        idx = cls(info, rows_to_table(meta_rows), vectors, coder=coder, encoder=encoder)
         idx.thumbs.extend([None] * n)
         idx.rebuild_ann()
         return idx
