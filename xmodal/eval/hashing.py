@@ -139,7 +139,6 @@ def run(ctx: Any) -> dict:
             ic = heads.codes(torch.from_numpy(img), "image").numpy()
             tc = heads.codes(torch.from_numpy(txt), "text").numpy()
         out["methods"]["learned"] = score(ic, tc, heads.total_bits)
-        ctx.artifacts["hashing_pr"] = out["methods"]["learned"]["t2i"]["pr_curve"]
     for method in ("itq", "lsh"):
         for bits in opts.hash_bits:
             coder = fit_binary(img, bits=bits, method=method, seed=opts.seed)
