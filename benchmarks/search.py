@@ -154,7 +154,9 @@ def _mem_total() -> int:
         return 8 << 30
 
 
-def bench_collection(name: str, x: np.ndarray, q: np.ndarray, a) -> tuple[list[tuple], str]:
+def bench_collection(
+    name: str, x: np.ndarray, q: np.ndarray, a, text: np.ndarray | None = None
+) -> tuple[list[tuple], str]:
     """Build every kind, then time them. Small collections: all built first and timed interleaved (rounds);
     large ones (every index holds its own float copy): one kind at a time, built, timed, freed."""
     from xmodal.index import SearchIndex
@@ -167,11 +169,11 @@ def bench_collection(name: str, x: np.ndarray, q: np.ndarray, a) -> tuple[list[t
 
     def build(label, kind, opts):
         t = time.perf_counter()
-        if kind == "learned-binary":  # heads fit on (a sample of) the collection itself, as ITQ is
-            from xmodal.hashing.fit import fit_bebr
+        if kind == "learned-binary":  # heads fit on the collection itself (as ITQ is) and on `text`,
+            from xmodal.hashing.fit import fit_bebr  # captions that are not queries, where queries are text
             from xmodal.index.binary import LearnedCoder
 
-            opts = {**opts, "coder": LearnedCoder.from_heads(fit_bebr(x, **BEBR))}
+            opts = {**opts, "coder": LearnedCoder.from_heads(fit_bebr(x, text, **BEBR))}
         idx = SearchIndex.from_vectors(x, kind=kind, **opts)
         out[label] = {"build": time.perf_counter() - t, "times": [], "idx": idx}
         print(f"   {name}: built {label} in {out[label]['build']:.1f} s", flush=True)
@@ -255,15 +257,17 @@ def main() -> None:
             enc = load_encoder(run)
             parts = [C.embed_split(enc, d, s, a.work_dir) for s in ("train", "val", "test")]
             x = np.concatenate([p[0] for p in parts])
-            q = np.concatenate([p[1] for p in parts])
-            q = q[np.random.default_rng(0).permutation(len(q))[: a.queries]]
+            caps = np.concatenate([p[1] for p in parts])
+            order = np.random.default_rng(0).permutation(len(caps))
+            q, rest = caps[order[: a.queries]], caps[order[a.queries :]]
             print(f"== emoji: {len(x)} images, {len(q)} caption queries", flush=True)
-            r, how = bench_collection("emoji (xm-tiny, 128-d)", x, q, a)
+            r, how = bench_collection("emoji (xm-tiny, 128-d)", x, q, a, text=rest)
             rows += r
             hows.append(how)
             emoji_note = (
                 f" Emoji: all {len(x)} emoji images embedded by {run.name} (xm-tiny trained "
-                f"{a.model_steps} steps on the emoji train split), {len(q)} caption queries."
+                f"{a.model_steps} steps on the emoji train split), {len(q)} caption queries (the learned "
+                f"codes' heads are fit on the images and the other {len(rest)} captions)."
             )
     headers = [
         "collection",
