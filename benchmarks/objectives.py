@@ -107,6 +107,8 @@ ELSEWHERE = {
     "feature": "needs a teacher: benchmarks/distill.py",
     "dcmh": "trains hash heads on a trained model, not an embedding",
     "bebr": "trains hash heads on a trained model, not an embedding",
+    "modx": "continual training from a previous model (--init-from); the task-stream benchmark is to come",
+    "bct": "compatibility with a previous model's gallery; the compatibility benchmark is to come",
 }
 QUICK_CANDIDATES = 2
 # train flags the benchmark sets itself: a candidate may not change the budget, the schedule or the seed

@@ -2,6 +2,7 @@
 
 from xmodal.objectives import (  # noqa: F401  (importing a family registers its objectives)
     captioning,
+    continual,
     contrastive,
     distillation,
     geometry,

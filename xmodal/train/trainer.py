@@ -131,7 +131,11 @@ class Trainer:
         # train mode throughout: Hugging Face towers come out of from_pretrained in eval mode, which left
         # their dropout off until the first validation switched it on
         self.model.to(self.device).train()
-        if cfg.init_from and self.resume_state is None:
+        # (resuming too when a frozen teacher is the initial model: it must be the --init-from run's weights,
+        # e.g. the previous model of `modx`; the resumed weights replace the live model's just below)
+        if cfg.init_from and (
+            self.resume_state is None or ("teacher" in self.needs and not self.distill_teacher)
+        ):
             self._init_from(cfg.init_from)
         # frozen copies, in eval mode (no dropout: the targets they give are deterministic)
         self.teacher = self._frozen_copy() if "teacher" in self.needs and not self.distill_teacher else None
