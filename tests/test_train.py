@@ -114,7 +114,7 @@ def test_fresh_run_refuses_to_overwrite_and_resume_of_finished_run_is_a_no_op(ti
 @pytest.mark.parametrize(
     "objective, sharding",
     [
-        ("clip", []),
+        pytest.param("clip", [], marks=pytest.mark.slow),  # (covered by the two clip+… cases below)
         ("siglip", []),
         ("clip", ["--fsdp"]),
         ("clip+uniformity:0.1+alignment:0.1+multipos:0.5+sdm:0.5", []),
