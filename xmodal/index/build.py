@@ -332,6 +332,7 @@ def add_to_index(
     path = Path(path).absolute()
     with fsutil.locked(path):
         idx = open_index(path, mmap=False)
+        idx.refuse_during_backfill()
         mode, decoding = gen_captions.recorded(idx.info)  # an index built with generated captions goes on
         coll, read_skips = to_collection(
             data,
@@ -430,6 +431,7 @@ def add_bank(
         raise UserError("xmodal index bank: give --texts FILE and/or --data MANIFEST (or --invgc)")
     with fsutil.locked(path):
         idx = open_index(path, mmap=False)
+        idx.refuse_during_backfill()
         text_bank: list[str] = list(texts or [])
         if data is not None or text_bank:
             enc = _encoder_for(idx, encoder)

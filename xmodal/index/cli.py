@@ -187,13 +187,68 @@ def bank_cmd(
     )
 
 
+@index_app.command("upgrade")
+def upgrade_cmd(
+    index: Path = typer.Argument(..., help="Index directory."),
+    model: str = typer.Option(
+        ..., "--model", help="The new model: an xmodal run, open_clip export or config."
+    ),
+    pretrained: str = typer.Option(
+        None, "--pretrained", help="Weights file for a --model given as a config."
+    ),
+    projection: Path = typer.Option(
+        None, "--projection", help="A map from the new model's space to the index's (xmodal compat fit)."
+    ),
+) -> None:
+    """Answer the new model's queries from the gallery as it is (a compatible model, e.g. trained with
+    clip+bct, or through --projection); nothing is re-embedded. Only index.json changes (atomically);
+    `index rollback` undoes it, `index backfill` re-embeds the gallery and then drops the layer."""
+    from xmodal.index.upgrade import upgrade_index
+
+    upgrade_index(index, model, pretrained=pretrained, projection=projection)
+
+
+@index_app.command("rollback")
+def rollback_cmd(index: Path = typer.Argument(..., help="Index directory.")) -> None:
+    """Undo the last `index upgrade` (and a backfill still in progress): the folder is restored byte for
+    byte when nothing else changed since."""
+    from xmodal.index.upgrade import rollback_index
+
+    rollback_index(index)
+
+
+@index_app.command("backfill")
+def backfill_cmd(
+    index: Path = typer.Argument(..., help="Index directory (upgraded with `index upgrade`)."),
+    chunk_size: int = typer.Option(4096, "--chunk-size", help="Items per crash-safe chunk."),
+    max_chunks: int = typer.Option(
+        None, "--max-chunks", help="Stop after computing this many chunks (run again to go on)."
+    ),
+    batch_size: int = typer.Option(256, "--batch-size", help="Images per model call."),
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Re-embed the gallery with the upgrade's new model chunk by chunk (a killed run keeps every finished
+    chunk); searches meanwhile merge re-embedded and old items. When all chunks are done the index becomes
+    a plain index of the new model."""
+    from xmodal.index.upgrade import backfill_index
+
+    backfill_index(
+        index, chunk_size=chunk_size, max_chunks=max_chunks, batch_size=batch_size, progress=progress
+    )
+
+
 @index_app.command("info")
 def info_cmd(index: Path = typer.Argument(..., help="Index directory.")) -> None:
-    """Print index.json."""
+    """Print index.json (an upgrade's stored previous index.json is shortened), and a backfill's progress."""
     from xmodal.index.persist import open_index
 
     idx = open_index(index)
-    print(json.dumps(idx.info, indent=2, ensure_ascii=False))
+    info = dict(idx.info)
+    if isinstance(info.get("upgrade"), dict):
+        info["upgrade"] = {**info["upgrade"], "previous_index_json": "… (kept for `xmodal index rollback`)"}
+    if (view := idx.backfill_view()) is not None:
+        info["backfill"] = {**info["backfill"], "re_embedded": view.count}
+    print(json.dumps(info, indent=2, ensure_ascii=False))
 
 
 def search_cmd(

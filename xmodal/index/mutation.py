@@ -41,7 +41,9 @@ class MutationMixin:
     """Adding and removing items of a `SearchIndex`."""
 
     def _writing(self) -> AbstractContextManager:
-        """The writer lock of the index's folder (re-entrant in-process); none for an unsaved index."""
+        """The writer lock of the index's folder (re-entrant in-process); none for an unsaved index. Refused
+        part-way through a backfill, whose chunks are planned over the items as they were when it began."""
+        self.refuse_during_backfill()
         return fsutil.locked(self.path) if self.path is not None else contextlib.nullcontext()
 
     def add(

@@ -82,12 +82,24 @@ class SearchMixin:
     ) -> tuple[np.ndarray, np.ndarray]:
         """Like `search_vectors` but returns row numbers (−1 where fewer than k items exist)."""
         q = l2n(q)
-        if q.shape[1] != self.dim:
-            raise UserError(f"query vectors are {q.shape[1]}-d but the index holds {self.dim}-d vectors")
+        if q.shape[1] != self.query_dim:
+            what = "the query model gives" if self.query_model else "the index holds"
+            raise UserError(f"query vectors are {q.shape[1]}-d but {what} {self.query_dim}-d vectors")
         if k < 1:
             raise UserError(f"k={k}: must be at least 1")
         if len(self) == 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        if self.query_model:  # after `index upgrade`: the new model's queries (see xmodal.index.upgrade)
+            view = self.backfill_view()
+            if view is not None and view.count:
+                if (norm or "none") != "none":
+                    raise UserError(
+                        f"--norm {norm}: the index is part-way through `xmodal index backfill` "
+                        f"({view.count} of {len(self)} items re-embedded) and its hubness banks are the old "
+                        "model's; search with --norm none until the backfill finishes"
+                    )
+                return self._merged_rows(q, k, modality, view)
+            q = self.to_gallery(q, modality)
         factors = self._factors(norm or "none", modality)
         e = len(self.bank_names)
         zero = np.zeros((len(q), e), np.float32)
@@ -139,11 +151,16 @@ class SearchMixin:
         for rank, (s, r) in enumerate(zip(scores, rows, strict=True), start=1):
             if r < 0:
                 continue
-            out.append({"rank": rank, "score": float(s), **row_dict(self._meta, r)})
+            hit = {"rank": rank, "score": float(s), **row_dict(self._meta, r)}
+            if (by := self.embedded_by(r)) is not None:
+                hit["embedded_by"] = by
+            out.append(hit)
         return out
 
     def embed_text(self, texts: Sequence[str]) -> np.ndarray:
-        return self.encoder.encode_texts(list(texts)).numpy()
+        """Query embeddings by the query model (after `index upgrade` the new one; `search_rows` maps them
+        onto the gallery)."""
+        return self.query_encoder.encode_texts(list(texts)).numpy()
 
     def embed_image(self, image: Any) -> np.ndarray:
         """PIL image (or uint8 3×S×S tensor) → 1×D embedding, preprocessed like the indexed items."""
@@ -151,7 +168,7 @@ class SearchMixin:
 
         from xmodal.data import resize_center_crop
 
-        enc = self.encoder
+        enc = self.query_encoder
         if isinstance(image, torch.Tensor):
             x = image if image.ndim == 4 else image[None]
         else:
@@ -228,7 +245,7 @@ class SearchMixin:
 
     def _caption_hits(self, query: Any, k: int) -> list[dict[str, Any]]:
         q = query if isinstance(query, np.ndarray) else self.embed_image(query)
-        q = l2n(q)
+        q = self.to_gallery(q, "image")  # the caption gallery stays the old model's until a backfill ends
         if self._cap_index is None:
             idx = faiss.IndexFlatIP(self.dim)
             idx.add(np.ascontiguousarray(self.caption_vectors, dtype=np.float32))

@@ -14,7 +14,8 @@ Layout of INDEX/ (everything row-aligned with meta.parquet):
 
 The class is composed from one mixin per concern, each in its own module: `ann` (FAISS construction and
 parameters), `folding` (banks, InvGC, the folded hubness columns), `search`, `mutation` (add/delete) and
-`persist` (save, `open_index`); `meta` and `thumbs` hold the metadata table and thumbnail helpers.
+`persist` (save, `open_index`), `upgrade` (a new model's queries on the old gallery, backfill);
+`meta` and `thumbs` hold the metadata table and thumbnail helpers.
 None of them imports torch: only the model (`xmodal.index.model`, for text/image queries) does, lazily.
 """
 
@@ -48,6 +49,7 @@ from xmodal.index.mutation import MutationMixin
 from xmodal.index.persist import PersistMixin, open_index
 from xmodal.index.search import SearchMixin
 from xmodal.index.thumbs import Thumbs
+from xmodal.index.upgrade import UpgradeMixin
 
 __all__ = [
     "BANKS",
@@ -73,7 +75,7 @@ __all__ = [
 ]
 
 
-class SearchIndex(SearchMixin, MutationMixin, FoldingMixin, AnnMixin, PersistMixin):
+class SearchIndex(SearchMixin, UpgradeMixin, MutationMixin, FoldingMixin, AnnMixin, PersistMixin):
     """An index directory in memory. Construct with `open_index(path)` or `build_index(...)`."""
 
     def __init__(
