@@ -110,6 +110,19 @@ def test_search_during_backfill_is_merged_and_ordered(setup, tmp_path):
     }
     with pytest.raises(UserError, match="--norm qbnorm"):
         idx.search_rows(q, k=3, norm="qbnorm")
+    # the HTTP API marks each hit too
+    from fastapi.testclient import TestClient
+
+    from xmodal.serve import create_app
+
+    res = TestClient(create_app(idx_dir), base_url="http://localhost").get(
+        "/search", params={"q": "a blue square", "k": N}
+    )
+    assert res.status_code == 200, res.text
+    res = res.json()
+    assert {h["id"]: h["embedded_by"] for h in res["results"]} == {
+        i: ("new" if j < 2 * CHUNK else "old") for j, i in enumerate(idx.ids)
+    }
     # items may not change part-way through
     r = run_in_process("index", "delete", idx_dir, "--ids", idx.ids[0], check=False)
     assert r.returncode == 2 and "backfill" in r.stderr

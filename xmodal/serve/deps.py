@@ -110,9 +110,10 @@ def resolve_expose(idx: Any, expose: str | Sequence[str] | None) -> tuple[str, .
 
 
 def public(hit: dict[str, Any], expose: Sequence[str]) -> dict[str, Any]:
-    """A hit or item as clients see it: rank and score (plus itm and retrieval_rank when re-ranked), the
-    exposed columns, and links to item and thumb."""
-    out = {k: v for k, v in hit.items() if k in expose or k in ("rank", "score", "itm", "retrieval_rank")}
+    """A hit or item as clients see it: rank and score (plus itm and retrieval_rank when re-ranked, and
+    embedded_by old/new after `index upgrade`), the exposed columns, and links to item and thumb."""
+    always = ("rank", "score", "itm", "retrieval_rank", "embedded_by")
+    out = {k: v for k, v in hit.items() if k in expose or k in always}
     out["thumb"] = f"/thumb/{quote(str(hit['id']), safe='')}"
     out["item"] = f"/items/{quote(str(hit['id']), safe='')}"
     return out

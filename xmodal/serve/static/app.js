@@ -129,6 +129,10 @@ function render(data, label) {
       score.title = `retrieval score; retrieval rank ${hit.retrieval_rank}`;
       meta.append(itm);
     }
+    if (hit.embedded_by) {
+      score.title = `scored by the ${hit.embedded_by} model's embedding (the index is being upgraded)`;
+      score.classList.add(`by-${hit.embedded_by}`);
+    }
     meta.append(score);
     body.append(cap, meta);
     card.append(img, body);
