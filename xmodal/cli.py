@@ -26,6 +26,7 @@ _STAGES = (
     "xmodal.hashing.cli",
     "xmodal.eval.cli",
     "xmodal.index.cli",
+    "xmodal.compat.cli",
     "xmodal.serve.cli",
     "xmodal.caption.cli",
     "xmodal.demo",

@@ -45,16 +45,20 @@ def results_table(results: dict[str, Any]):
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
-        model: Annotated[
-            str, typer.Argument(help="xmodal run dir, exported open_clip dir, or open_clip config name/JSON")
-        ],
         data: Annotated[Path, typer.Option("--data", help="manifest (JSONL/CSV/…) of the evaluation set")],
+        model: Annotated[
+            str | None,
+            typer.Argument(
+                help="xmodal run dir, exported open_clip dir, or open_clip config name/JSON "
+                "(with --task compat: the new model, or give --new)"
+            ),
+        ] = None,
         task: Annotated[
             str,
             typer.Option(
                 "--task",
-                help="comma list of retrieval,zeroshot,probe,hubness,gap,robustness,captioning or all "
-                "(captioning: CoCa models only)",
+                help="comma list of retrieval,zeroshot,probe,hubness,gap,robustness,captioning,hashing,"
+                "compat or all (captioning: CoCa models only; compat: needs --old)",
             ),
         ] = "retrieval,zeroshot",
         json_out: Annotated[Path | None, typer.Option("--json", help="write results JSON here")] = None,
@@ -147,6 +151,17 @@ def register(app: typer.Typer) -> None:
         caption_key: Annotated[str | None, typer.Option("--caption-key")] = None,
         label_key: Annotated[str | None, typer.Option("--label-key")] = None,
         workers: Annotated[int, typer.Option("--workers")] = 0,
+        old: Annotated[
+            str | None,
+            typer.Option("--old", help="compat: the old model, whose embeddings the gallery holds"),
+        ] = None,
+        new: Annotated[
+            str | None, typer.Option("--new", help="compat: the new model (the same as giving MODEL)")
+        ] = None,
+        projection: Annotated[
+            Path | None,
+            typer.Option("--projection", help="compat: also score projected new queries (xmodal compat fit)"),
+        ] = None,
         quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
     ) -> None:
         """Evaluate MODEL on --data: retrieval, zero-shot, probe, hubness, modality gap, robustness,
@@ -156,6 +171,7 @@ def register(app: typer.Typer) -> None:
         from xmodal.eval import evaluate, parse_tasks, read_templates, write_json
 
         names, is_all = parse_tasks(task)  # fail fast on a bad --task, before loading anything
+        model = _compat_models(model, old, new, projection, names if not is_all or old else [])
         if not data.exists():
             raise UserError(f"--data {data}: file not found")
         tmpl = read_templates(templates) if templates is not None else None
@@ -206,6 +222,11 @@ def register(app: typer.Typer) -> None:
             require_fusion(encoder, "--score itm")
         if "captioning" in names and not (is_all and caption_baseline is None):
             captioning.require_decoder(encoder)  # before the data loads
+        if old is not None:  # compat: both models and the projection load before the data
+            from xmodal.eval.compat import resolve_old, resolve_projection
+
+            opts["compat_old"] = resolve_old(old, device=device)
+            opts["compat_projection"] = resolve_projection(projection, encoder.dim, opts["compat_old"].dim)
         ds = load_dataset(
             str(data),
             encoder.image_size,
@@ -232,6 +253,28 @@ def register(app: typer.Typer) -> None:
         Console().print(results_table(results))
         if report is not None:
             Console(stderr=True).print(f"report: {report / 'index.html'}")
+
+
+def _compat_models(
+    model: str | None, old: str | None, new: str | None, projection: Path | None, names: list[str]
+) -> str:
+    """The model to evaluate (MODEL, or --new for compat), after checking the compat flags go together."""
+    if model is not None and new is not None and model != new:
+        raise UserError(f"MODEL {model} and --new {new}: give the new model once (MODEL or --new)")
+    model = model if model is not None else new
+    if "compat" in names:
+        if old is None:
+            raise UserError("--task compat needs --old OLD_RUN (the model that embedded the gallery)")
+        if model is None:
+            raise UserError("--task compat needs the new model: --new NEW_RUN (or MODEL)")
+    elif old is not None or new is not None or projection is not None:
+        flag = "--old" if old is not None else "--new" if new is not None else "--projection"
+        raise UserError(f"{flag} is for --task compat; add compat to --task")
+    if model is None:
+        raise UserError("give the MODEL to evaluate (a run dir, an open_clip export or a config name)")
+    if projection is not None and not projection.exists():
+        raise UserError(f"--projection {projection}: no such folder; fit one with `xmodal compat fit`")
+    return model
 
 
 def _bits_list(text: str) -> tuple[int, ...]:

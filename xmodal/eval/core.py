@@ -11,7 +11,7 @@ from xmodal.errors import UserError
 from xmodal.eval.cache import EmbeddingCache
 from xmodal.eval.metrics import TIES
 
-TASKS = ("retrieval", "zeroshot", "probe", "hubness", "gap", "robustness", "captioning", "hashing")
+TASKS = ("retrieval", "zeroshot", "probe", "hubness", "gap", "robustness", "captioning", "hashing", "compat")
 POSITIVES = ("caption", "label")
 DEFAULT_TEMPLATES_FILE = Path(__file__).parent / "templates.txt"
 
@@ -57,6 +57,9 @@ class EvalOptions:
     # hashing (xmodal.eval.hashing): mAP@hash_k with label relevance, learned codes against ITQ and LSH
     hash_k: int = 100
     hash_bits: tuple[int, ...] = (32, 64, 128)  # the ITQ / LSH baselines' code lengths
+    # compat (xmodal.eval.compat): the evaluated model is the new one; the old one embeds the gallery
+    compat_old: Any = None  # model source (run dir, export, config) or an Encoder
+    compat_projection: Any = None  # projection folder (`xmodal compat fit`) or a Projection
     # report
     gallery_queries: int = 6
     progress: bool = False

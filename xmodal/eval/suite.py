@@ -96,6 +96,8 @@ def evaluate(
     names = captioning_requests(encoder, names, is_all, opts.caption_baseline)
     if is_all and getattr(getattr(encoder, "model", None), "hash_heads", None) is None:
         names = [n for n in names if n != "hashing"]  # "all": hash codes for hash runs (by name: ITQ/LSH too)
+    if is_all and opts.compat_old is None:
+        names = [n for n in names if n != "compat"]  # "all": compat only when an old model is given
     if opts.rerank is not None:
         require_fusion(encoder, f"--rerank {opts.rerank}")
     if opts.score == "itm":
