@@ -33,9 +33,11 @@ from xmodal.errors import UserError
 from xmodal.objectives.registry import Features, Objective, register
 
 
-def _require_teacher(f: Features, name: str) -> None:
+def require_teacher(f: Features, name: str, whose: str = "the teacher's") -> None:
+    """The check every objective on a frozen model's features makes (distillation here, and the continual
+    objectives, whose teacher is the previous model: `whose="the old model's"`)."""
     if f.teacher_image is None or f.teacher_text is None:
-        raise ValueError(f"{name} needs the teacher's features (teacher_image, teacher_text)")
+        raise ValueError(f"{name} needs {whose} features (teacher_image, teacher_text)")
 
 
 def soft_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -68,7 +70,7 @@ class Affinity(Objective):
             )
 
     def terms(self, f: Features) -> dict[str, torch.Tensor]:
-        _require_teacher(f, "affinity")
+        require_teacher(f, "affinity")
         if self.params.t > 0:
             s_scale = t_scale = 1.0 / self.params.t
         else:
@@ -112,7 +114,7 @@ class Feature(Objective):
         return (x - u).pow(2).sum(1).mean()
 
     def terms(self, f: Features) -> dict[str, torch.Tensor]:
-        _require_teacher(f, "feature")
+        require_teacher(f, "feature")
         proj = f.feature_proj
         img, txt = (
             (f.image, f.text)

@@ -170,6 +170,12 @@ class Objective:
         """For objectives that need the momentum model: the EMA decay the trainer updates it with."""
         return None
 
+    @property
+    def ema_anchor(self) -> float:
+        """The share a of the EMA's update taken from the frozen previous model instead of the live one,
+        θ_m ← m·θ_m + (1 − m)(1 − a)·θ + (1 − m)·a·θ_teacher (CTP's compatible momentum; 0 = plain EMA)."""
+        return 0.0
+
 
 REGISTRY: dict[str, type[Objective]] = {}
 
@@ -339,6 +345,16 @@ class Composite:
         if len(decays) > 1:
             raise UserError(f"--objective: the momentum objectives ask for different decays {sorted(decays)}")
         return decays.pop() if decays else None
+
+    @property
+    def ema_anchor(self) -> float:
+        anchors = {o.ema_anchor for o, _ in self.objectives if o.ema_decay is not None}
+        if len(anchors) > 1:
+            raise UserError(
+                f"--objective: the momentum objectives share one EMA model but ask for different anchors on "
+                f"the old model {sorted(anchors)}; keep one of them (or give ctp anchor=0)"
+            )
+        return anchors.pop() if anchors else 0.0
 
     def commit(self) -> None:
         for o, _ in self.objectives:

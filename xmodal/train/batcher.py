@@ -1,6 +1,14 @@
 """Deterministic batches: their content depends only on (seed, step, rank), so a resumed run sees the
 same data order and each rank takes its slice of the same global batch.
 
+Replay (`--replay OLD --replay-fraction f`): R = round(f·B) rows of every global batch of B come from the
+old data, at positions spread evenly over the batch (so each rank's slice holds its share, and the layout
+does not depend on the number of ranks: 2 processes see exactly the batch of 1). They cycle through the old
+set without replacement: a fresh seeded permutation per pass, R rows per step, the pass's remainder left
+out (as an epoch drops its last partial batch), so no sample repeats within a batch. An epoch stays one
+pass over the main data, now B − R rows per step. Everything is a function of (seed, step), so a resumed
+run draws the same replay rows as an uninterrupted one.
+
 Text side (the `improved` recipe's caption handling, Fini et al. 2023): an image with several captions
 gets one of them, uniformly at random, each step; with --aug-text-eda / --aug-word-drop each caption is
 augmented per (seed, step, global position) and the step's captions are tokenised then."""
@@ -17,7 +25,7 @@ from xmodal.data import ImageTextData
 from xmodal.data.augment import drop_words, eda
 from xmodal.errors import UserError
 from xmodal.train import distributed as D
-from xmodal.train.config import TrainConfig
+from xmodal.train.config import TrainConfig, replay_rows
 
 
 def stable_seed(*parts: int) -> int:
@@ -37,12 +45,28 @@ def data_fingerprint(data: ImageTextData) -> str:
     return h.hexdigest()[:16]
 
 
+def replay_positions(batch: int, rows: int) -> torch.Tensor:
+    """bool over the global batch: True at the `rows` positions spread evenly over it (p where
+    ⌊(p+1)·rows/batch⌋ > ⌊p·rows/batch⌋), so every contiguous rank slice holds its share ±1."""
+    p = torch.arange(batch)
+    return (p + 1) * rows // batch > p * rows // batch
+
+
 class Batcher:
     """Batches whose content depends only on (seed, step, rank): the same data order after a resume,
-    and each rank takes its slice of the same global batch."""
+    and each rank takes its slice of the same global batch. With `replay` (the `--replay` data) sample
+    index n + i is replay sample i, in `indices` and `local_rows` as in the caption tables."""
 
-    def __init__(self, data: ImageTextData, tokenizer: Any, cfg: TrainConfig, dist: D.DistInfo) -> None:
+    def __init__(
+        self,
+        data: ImageTextData,
+        tokenizer: Any,
+        cfg: TrainConfig,
+        dist: D.DistInfo,
+        replay: ImageTextData | None = None,
+    ) -> None:
         self.data, self.tokenizer, self.cfg, self.dist = data, tokenizer, cfg, dist
+        self.replay = replay
         self.n = len(data)
         self.global_batch = cfg.batch_size
         if self.global_batch % dist.world_size:
@@ -54,22 +78,38 @@ class Batcher:
             raise UserError(
                 f"--accum-steps {cfg.accum_steps} must divide the per-process batch {self.local_batch}"
             )
-        self.steps_per_epoch = self.n // self.global_batch
+        self.replay_rows = replay_rows(cfg) if replay is not None else 0
+        self.main_rows = self.global_batch - self.replay_rows  # rows of --data per step
+        self.steps_per_epoch = self.n // self.main_rows
         if self.steps_per_epoch == 0:
             raise UserError(
-                f"--data {cfg.data}: {self.n} usable samples, fewer than --batch-size {cfg.batch_size}"
+                f"--data {cfg.data}: {self.n} usable samples, fewer than the {self.main_rows} rows of each "
+                f"batch (--batch-size {cfg.batch_size})"
             )
-        self.flat_captions = [c for caps in data.captions for c in caps]
-        counts = torch.tensor([len(c) for c in data.captions])
+        captions, labels = data.captions, data.labels
+        if replay is not None:
+            if replay.images.shape[1:] != data.images.shape[1:]:
+                raise ValueError("--replay: its images were loaded at another size than --data's")
+            if len(replay) < self.replay_rows:
+                raise UserError(
+                    f"--replay {cfg.replay}: {len(replay)} usable samples, fewer than the {self.replay_rows} "
+                    f"rows each batch replays; lower --replay-fraction"
+                )
+            self.replay_steps_per_pass = len(replay) // self.replay_rows
+            self.is_replay = replay_positions(self.global_batch, self.replay_rows)
+            captions, labels = captions + replay.captions, labels + replay.labels
+        self.flat_captions = [c for caps in captions for c in caps]
+        counts = torch.tensor([len(c) for c in captions])
         self.cap_count = counts
         self.cap_start = torch.cumsum(counts, 0) - counts
         self.text_augmented = cfg.aug_word_drop > 0 or cfg.aug_text_eda > 0
         self.tokens = None if self.text_augmented else self._tokenize(self.flat_captions)
         self._perm_epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
-        names = sorted({lab for lab in data.labels if lab is not None})
+        self._replay_pass, self._replay_perm = -1, torch.empty(0, dtype=torch.long)
+        names = sorted({lab for lab in labels if lab is not None})
         index = {lab: i for i, lab in enumerate(names)}
         # class ids for label-aware objectives (multipos, sdm); -1 = unlabelled
-        self.label_ids = torch.tensor([index.get(lab, -1) for lab in data.labels], dtype=torch.long)
+        self.label_ids = torch.tensor([index.get(lab, -1) for lab in labels], dtype=torch.long)
 
     def _tokenize(self, texts: list[str]) -> torch.Tensor:
         chunks = [self.tokenizer(texts[i : i + 8192]) for i in range(0, len(texts), 8192)]
@@ -95,17 +135,38 @@ class Batcher:
         return self.cap_start[idx] + choice
 
     def indices(self, step: int) -> torch.Tensor:
-        """The samples of the global batch at `step` (an epoch's permutation, seeded by (seed, epoch))."""
+        """The samples of the global batch at `step` (an epoch's permutation, seeded by (seed, epoch)),
+        with the replayed ones (index n + i: replay sample i) at their positions."""
         epoch, j = divmod(step, self.steps_per_epoch)
         if epoch != self._perm_epoch:
             self._perm = torch.randperm(
                 self.n, generator=torch.Generator().manual_seed(stable_seed(self.cfg.seed, epoch))
             )
             self._perm_epoch = epoch
-        return self._perm[j * self.global_batch : (j + 1) * self.global_batch]
+        main = self._perm[j * self.main_rows : (j + 1) * self.main_rows]
+        if not self.replay_rows:
+            return main
+        out = torch.empty(self.global_batch, dtype=torch.long)
+        out[~self.is_replay] = main
+        out[self.is_replay] = self.n + self.replay_indices(step)
+        return out
+
+    def replay_indices(self, step: int) -> torch.Tensor:
+        """The replay samples (indices into the replay data) of the batch at `step`: R consecutive rows of
+        the current pass's permutation of the old set, seeded by (seed, pass)."""
+        n_pass, j = divmod(step, self.replay_steps_per_pass)
+        if n_pass != self._replay_pass:
+            gen = torch.Generator().manual_seed(stable_seed(self.cfg.seed, n_pass, 23))
+            self._replay_perm = torch.randperm(len(self.replay), generator=gen)
+            self._replay_pass = n_pass
+        return self._replay_perm[j * self.replay_rows : (j + 1) * self.replay_rows]
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
+
+    def replay_pass_of(self, step: int) -> int:
+        """How many full passes over the replay data came before `step`."""
+        return step // self.replay_steps_per_pass if self.replay_rows else 0
 
     def local_rows(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample indices, flat caption indices) of this rank's rows at `step`, as `get` takes them."""
@@ -128,4 +189,13 @@ class Batcher:
         made for the whole global batch (or per global position), so ranks see exactly their slice of it."""
         local, cap_idx = self.local_rows(step)
         tokens = self.tokens[cap_idx] if self.tokens is not None else self.tokenizer(self.texts(step))
-        return self.data.images[local], tokens, self.label_ids[local]
+        return self._images(local), tokens, self.label_ids[local]
+
+    def _images(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.replay is None:
+            return self.data.images[rows]
+        old = rows >= self.n
+        out = torch.empty((len(rows), *self.data.images.shape[1:]), dtype=self.data.images.dtype)
+        out[~old] = self.data.images[rows[~old]]
+        out[old] = self.replay.images[rows[old] - self.n]
+        return out

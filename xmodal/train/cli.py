@@ -24,6 +24,12 @@ def train(
         False, help="Resume even though --batch-size, --seed or the data differ from the run's."
     ),
     val: str | None = typer.Option(None, help="Validation manifest, evaluated every --eval-every steps."),
+    replay: str | None = typer.Option(
+        None, help="Old data (read like --data): a share of every batch is drawn from it (--replay-fraction)."
+    ),
+    replay_fraction: float | None = typer.Option(
+        None, help="With --replay: the share of each batch from it, in (0, 1); round(f·batch) rows (0.2)."
+    ),
     model: str | None = typer.Option(
         None, help="open_clip config name (e.g. xm-tiny, ViT-B-32) or JSON file."
     ),

@@ -22,6 +22,8 @@ class TrainConfig:
     data: str = ""  # training manifest (JSONL, CSV/TSV, image folder, or webdataset shards)
     out: str = "runs/run"  # run directory
     val: str | None = None  # validation manifest, evaluated every `eval_every` steps
+    replay: str | None = None  # old data (read like `data`): a share of every batch is drawn from it
+    replay_fraction: float | None = None  # that share: round(f · batch_size) rows (0.2 when replay is set)
     recipe: str | None = None  # a paper's option values (xmodal.train.recipes); YAML and flags win over it
     # model
     model: str = "xm-tiny"
@@ -89,6 +91,7 @@ class TrainConfig:
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 FIELD_TYPES = typing.get_type_hints(TrainConfig)
 PROBABILITIES = ("aug_flip", "aug_word_drop")
+REPLAY_FRACTION = 0.2  # --replay without --replay-fraction
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 TEACHER_CACHE = ("auto", "on", "off")
 
@@ -182,7 +185,44 @@ def resolve_config(
     values.update(flags)
     cfg = TrainConfig(**values)
     validate(cfg)
+    if cfg.replay and cfg.replay_fraction is None:
+        cfg.replay_fraction = REPLAY_FRACTION  # recorded in config.yaml as the value used
     return cfg
+
+
+def replay_rows(cfg: TrainConfig) -> int:
+    """Rows of each global batch drawn from `--replay`: round(fraction · batch size); 0 without replay."""
+    if not cfg.replay:
+        return 0
+    f = cfg.replay_fraction if cfg.replay_fraction is not None else REPLAY_FRACTION
+    return round(f * cfg.batch_size)
+
+
+def _validate_replay(cfg: TrainConfig) -> None:
+    f = cfg.replay_fraction
+    if not cfg.replay:
+        if f is not None:
+            raise UserError(
+                f"--replay-fraction {f} needs --replay OLD_MANIFEST (the old data the share is drawn from)"
+            )
+        return
+    if f is not None and not 0 < f < 1:
+        raise UserError(f"--replay-fraction {f}: the share of each batch drawn from --replay, in (0, 1)")
+    if "{" not in cfg.replay and not Path(cfg.replay).exists():  # (a brace pattern: shards, checked on read)
+        raise UserError(
+            f"--replay {cfg.replay}: not found; give the old data's manifest (JSONL/CSV/TSV), image folder "
+            "or .tar shards"
+        )
+    rows, f = replay_rows(cfg), f if f is not None else REPLAY_FRACTION
+    if rows == 0:
+        raise UserError(
+            f"--replay-fraction {f} of --batch-size {cfg.batch_size} rounds to no replayed row; raise it to "
+            f"at least {1 / cfg.batch_size:.3g} (or raise --batch-size)"
+        )
+    if rows == cfg.batch_size:
+        raise UserError(
+            f"--replay-fraction {f} of --batch-size {cfg.batch_size} leaves no row for --data; lower it"
+        )
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -235,6 +275,7 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--teacher-pretrained needs --teacher (the config those weights belong to)")
     if cfg.eval_every and not cfg.val:
         raise UserError("--eval-every needs --val (a validation manifest)")
+    _validate_replay(cfg)
 
 
 def save_config(

@@ -35,7 +35,7 @@ from xmodal.train.precision import make_grad_scaler, resolve_precision
 
 # Crash tests need a run slow enough to kill mid-way; nothing else should set this.
 _STEP_DELAY = float(os.environ.get("XMODAL_TEST_STEP_DELAY", "0"))
-RESUME_MUST_MATCH = ("batch_size", "seed")  # and the data itself: see `data_fingerprint`
+RESUME_MUST_MATCH = ("batch_size", "seed", "replay_fraction")  # and the data itself: `data_fingerprint`
 
 
 class Trainer:
@@ -55,6 +55,7 @@ class Trainer:
         self.resume_state = load_checkpoint(latest) if resume else None
         self.resume_override = resume_override
         self.data_fingerprint: str | None = None  # set by fit() once the data is loaded
+        self.replay_fingerprint: str | None = None  # and the --replay data's
         if self.resume_state is not None and not resume_override:
             saved = self.resume_state.get("config", {})
             for name in RESUME_MUST_MATCH:
@@ -140,6 +141,12 @@ class Trainer:
         # frozen copies, in eval mode (no dropout: the targets they give are deterministic)
         self.teacher = self._frozen_copy() if "teacher" in self.needs and not self.distill_teacher else None
         self.momentum_model = self._frozen_copy() if "momentum" in self.needs else None
+        self.ema_anchor = self.objective.ema_anchor if self.momentum_model is not None else 0.0
+        if self.ema_anchor and self.teacher is None:
+            raise UserError(
+                f"--objective {cfg.objective}: its momentum model is anchored on the frozen previous model "
+                "(the initial, --init-from weights), not on a --teacher; drop --teacher or give anchor=0"
+            )
         if self.resume_state is not None:
             self.model.load_state_dict(self.resume_state["model"])
             if self.momentum_model is not None:
@@ -229,6 +236,15 @@ class Trainer:
         """Cache the teacher's features of the training set where no augmentation changes them each step
         (`--teacher-cache auto`), else run it live; `on` refuses to run live, `off` never caches."""
         cfg, teacher = self.cfg, self.distill_teacher
+        if cfg.replay:  # the cache holds the --data rows only; replayed rows have no entry there
+            if cfg.teacher_cache == "on":
+                raise UserError(
+                    "--teacher-cache on: the cache covers --data only, and --replay mixes other rows into "
+                    "every batch; use --teacher-cache auto (live) or off"
+                )
+            if self.dist.is_main and cfg.teacher_cache == "auto":
+                print("teacher: --replay mixes old data into every batch, so the teacher runs live")
+            return {"cache": "off" if cfg.teacher_cache == "off" else "live"}
         live = {"images": self.aug.images_enabled, "captions": self.batcher.text_augmented}
         changed = [side for side, yes in live.items() if yes]
         if cfg.teacher_cache == "on" and changed:
@@ -494,8 +510,14 @@ class Trainer:
         with torch.no_grad():
             self.model.logit_scale.clamp_(0, math.log(100))
             if self.momentum_model is not None:  # ALBEF/MoCo: θ_m ← m·θ_m + (1 − m)·θ
+                m, a = self.objective.ema_decay, self.ema_anchor
                 m_params = list(self.momentum_model.parameters())
-                torch._foreach_lerp_(m_params, list(self.model.parameters()), 1.0 - self.objective.ema_decay)
+                if not a:
+                    torch._foreach_lerp_(m_params, list(self.model.parameters()), 1.0 - m)
+                else:  # CTP's compatible momentum: θ_m ← m·θ_m + (1 − m)(1 − a)·θ + (1 − m)·a·θ_old
+                    torch._foreach_mul_(m_params, m)
+                    torch._foreach_add_(m_params, list(self.model.parameters()), alpha=(1 - m) * (1 - a))
+                    torch._foreach_add_(m_params, list(self.teacher.parameters()), alpha=(1 - m) * a)
                 for b_m, b in zip(self.momentum_model.buffers(), self.model.buffers(), strict=True):
                     b_m.copy_(b)
         self.objective.commit()  # e.g. enqueue this step's momentum features
@@ -515,7 +537,16 @@ class Trainer:
                 f"--resume: --data {cfg.data} is not the data this run was trained on (other samples or "
                 "captions); resume with the run's data, or add --resume-override"
             )
-        batcher = self.batcher = Batcher(data, self.tokenizer, cfg, self.dist)
+        replay = self._load(cfg.replay) if cfg.replay else None  # the same pipeline and cache as --data
+        if replay is not None:
+            self.replay_fingerprint = data_fingerprint(replay)
+            saved_fp = (self.resume_state or {}).get("replay_fingerprint")
+            if saved_fp and saved_fp != self.replay_fingerprint and not self.resume_override:
+                raise UserError(
+                    f"--resume: --replay {cfg.replay} is not the old data this run replayed (other samples "
+                    "or captions); resume with the run's --replay data, or add --resume-override"
+                )
+        batcher = self.batcher = Batcher(data, self.tokenizer, cfg, self.dist, replay=replay)
         teacher_info = self._teacher_cache(data) if self.distill_teacher is not None else None
         total = cfg.steps or max(1, int(cfg.epochs * batcher.steps_per_epoch))
         start = int(self.resume_state["step"]) if self.resume_state else 0
@@ -531,6 +562,7 @@ class Trainer:
                             "train": len(data),
                             "skipped": data.stats.as_dict(),
                             "val": len(val) if val else 0,
+                            **({"replay": self._replay_info(replay)} if replay is not None else {}),
                         },
                         **({"teacher": {"source": cfg.teacher, **teacher_info}} if teacher_info else {}),
                     }
@@ -563,6 +595,7 @@ class Trainer:
                         {
                             "step": done,
                             "epoch": batcher.epoch_of(step),
+                            **({"replay_pass": batcher.replay_pass_of(step)} if replay is not None else {}),
                             "loss": loss,
                             "losses": terms,  # each objective's term, unweighted
                             "loss_avg": loss_sum / max(1, n_since // cfg.batch_size),
@@ -589,6 +622,18 @@ class Trainer:
             plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
         D.barrier()
         return self.run_dir
+
+    def _replay_info(self, replay: ImageTextData) -> dict[str, Any]:
+        """What metrics.jsonl records of `--replay`: the old data, and the rows of each batch it gives."""
+        rows = self.batcher.replay_rows
+        return {
+            "source": self.cfg.replay,
+            "samples": len(replay),
+            "skipped": replay.stats.as_dict(),
+            "rows_per_batch": rows,
+            "fraction": rows / self.cfg.batch_size,
+            "steps_per_pass": self.batcher.replay_steps_per_pass,
+        }
 
     def _eval_encoder(self) -> Encoder | None:
         """The encoder to validate with: the live model, or under FSDP an unsharded copy on rank 0."""
@@ -629,6 +674,7 @@ class Trainer:
                 "optimizer": optim_state,
                 "fsdp": self.fsdp,
                 "data_fingerprint": self.data_fingerprint,
+                "replay_fingerprint": self.replay_fingerprint,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None,
                 "momentum_model": (
                     self.momentum_model.state_dict() if self.momentum_model is not None else None
