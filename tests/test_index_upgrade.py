@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import MICRO_TRAIN, REPO, run_in_process, write_tiny_manifest
 
 from xmodal.errors import UserError
@@ -190,3 +191,49 @@ def test_upgrade_refusals_are_one_line(setup, tmp_path):
     run_in_process("index", "upgrade", idx_dir, "--model", setup["new"])
     r = run_in_process("index", "upgrade", idx_dir, "--model", setup["new"], check=False)
     assert r.returncode == 2 and "already upgraded" in r.stderr
+
+
+def test_upgrade_through_a_projection_maps_the_new_queries_onto_the_old_gallery(setup, tmp_path):
+    """A 128-d new model (xm-tiny) on a 32-d index (xm-micro): the projection bridges the widths; a changed
+    projection file is refused on load, one fitted for another old model at upgrade time."""
+    from xmodal.compat.projection import Projection
+
+    idx_dir = _fresh(setup, tmp_path)
+    rng = np.random.default_rng(0)
+    proj = Projection(
+        kind="linear",
+        d_new=128,
+        d_old=32,
+        weights={"text.W": rng.normal(size=(128, 32)), "text.b": rng.normal(size=32) * 0.1},
+        old_model={"source": str(tmp_path / "some-other-run")},
+    )
+    proj.save(tmp_path / "wrong.proj")
+    wrong = tmp_path / "wrong.proj"
+    r = run_in_process("index", "upgrade", idx_dir, "--model", "xm-tiny", "--projection", wrong, check=False)
+    assert r.returncode == 2 and "fitted for old model" in r.stderr, r.stderr
+    proj.old_model = {"source": "xm-micro"}
+    proj.save(tmp_path / "v2.proj")
+    run_in_process("index", "upgrade", idx_dir, "--model", "xm-tiny", "--projection", tmp_path / "v2.proj")
+    idx = open_index(idx_dir)
+    assert idx.query_dim == 128 and idx.dim == 32
+    q = idx.embed_text(["a red circle", "a blue square"])
+    assert q.shape == (2, 128)
+    x = q / np.linalg.norm(q, axis=1, keepdims=True)
+    y = x @ proj.weights["text.W"] + proj.weights["text.b"]  # the map by hand
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    scores, rows = idx.search_rows(q, k=N)
+    for i in range(2):
+        want = np.asarray(idx.vectors) @ y[i]
+        np.testing.assert_allclose(scores[i], np.sort(want)[::-1], atol=1e-5)
+        assert list(rows[i]) == list(np.argsort(-want, kind="stable"))
+    # the image side of a text-only projection uses the text map
+    img_scores, _ = idx.search_rows(
+        idx.embed_image(torch.zeros(3, 64, 64, dtype=torch.uint8)), k=3, modality="image"
+    )
+    assert np.isfinite(img_scores).all()
+    # the projection changed on disk since the upgrade: refused, naming what to do
+    proj.weights["text.b"] = proj.weights["text.b"] + 1.0
+    shutil.rmtree(tmp_path / "v2.proj")
+    proj.save(tmp_path / "v2.proj")
+    with pytest.raises(UserError, match="changed since the upgrade"):
+        open_index(idx_dir).search_rows(q, k=3)
