@@ -56,8 +56,8 @@ from _common import (  # noqa: E402
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work", type=Path, default=DEFAULT_WORK / "compat")
-    p.add_argument("--steps-old", type=int, default=500, help="training steps of the old model")
-    p.add_argument("--steps-new", type=int, default=800, help="training steps of each new model")
+    p.add_argument("--steps-old", type=int, default=600, help="training steps of the old model")
+    p.add_argument("--steps-new", type=int, default=1000, help="training steps of each new model")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--large-model", default="xm-small", help="the larger new config ('none' to skip)")
     p.add_argument("--steps-large", type=int, default=300, help="training steps of the larger config")
