@@ -200,15 +200,15 @@ def test_missing_folder_is_a_one_line_error(tmp_path):
 # -- fitting --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("init", ["ridge", "random"])
-def test_fit_recovers_a_rotation_of_the_space(init):
+@pytest.mark.parametrize(("kind", "init"), [("linear", "ridge"), ("linear", "random"), ("mlp", "ridge")])
+def test_fit_recovers_a_rotation_of_the_space(kind, init):
     # the old model's space is the new one rotated: old = new @ R. Without the map new queries are useless on
     # the old gallery; with it they retrieve as well as in the new model's own space.
     d, R = 16, orthogonal(16, 7)
     new_t, new_i = paired(300, d, seed=0)
     old_t, old_i = unit(new_t @ R), unit(new_i @ R)
     proj = fit_projection(
-        new_t, old_t, steps=200, lr=1e-2, seed=0, init=init, batch_size=128, temperature=0.2
+        new_t, old_t, steps=200, lr=1e-2, seed=0, kind=kind, init=init, batch_size=128, temperature=0.2
     )
     assert proj.fitted_on == {"text": 300, "pairs": 0}
     pos = np.eye(300, dtype=bool)
@@ -245,9 +245,9 @@ def test_pair_stage_fits_the_image_side():
     d, n, npairs = 16, 300, 120
     old_t, old_i = paired(n, d, seed=5, noise=0.3)
     new_t, new_i = unit(old_t @ orthogonal(d, 8)), unit(old_i @ orthogonal(d, 9))
-    kw = dict(steps=150, lr=1e-2, seed=0, batch_size=128, temperature=0.2)
+    kw = dict(steps=150, pair_steps=150, lr=1e-2, seed=0, batch_size=128, temperature=0.2, kind="linear")
     text_only = fit_projection(new_t, old_t, **kw)
-    with_pairs = fit_projection(new_t, old_t, new_i[:npairs], old_i[:npairs], **kw)
+    with_pairs = fit_projection(new_t, old_t, new_i[:npairs], old_i[:npairs], image_side="own", **kw)
     assert with_pairs.fitted_on == {"text": n, "pairs": npairs} and with_pairs.has_image_map
     assert with_pairs.losses["pairs"]["steps"] == 150
     held = slice(npairs, n)  # judged on images the fit did not see
@@ -265,6 +265,25 @@ def test_pair_stage_fits_the_image_side():
     assert cells[0]["proj_old"]["i2t"]["R@1"] < 0.1 < old_old - 0.1 < cells[1]["proj_old"]["i2t"]["R@1"]
     # text queries were served by the text map all along
     assert cells[0]["proj_old"]["t2i"]["R@1"] == pytest.approx(cells[0]["old_old"]["t2i"]["R@1"], abs=0.05)
+
+
+@pytest.mark.parametrize("kind", ["linear", "mlp"])
+def test_pair_stage_shift_and_shared_image_sides(kind):
+    # "shift" (the default): the image map is the text map plus an offset on its output; "shared": one map
+    old_t, old_i = paired(200, 8, seed=6)
+    new_t, new_i = unit(old_t + 0.3), unit(old_i - 0.3)  # the new model's modalities sit apart differently
+    kw = dict(steps=30, pair_steps=60, lr=1e-2, seed=0, batch_size=64, kind=kind, hidden=8)
+    shift = fit_projection(new_t, old_t, new_i[:50], old_i[:50], **kw)
+    assert shift.has_image_map and shift.settings["image_side"] == "shift"
+    for name, text in shift.weights.items():
+        if name.startswith("text.") and name != "text.b":
+            np.testing.assert_array_equal(shift.weights["image." + name[5:]], text)
+    offset = shift.weights["image.b"] - shift.weights["text.b"]
+    assert np.abs(offset).max() > 1e-3
+    shared = fit_projection(new_t, old_t, new_i[:50], old_i[:50], image_side="shared", **kw)
+    assert not shared.has_image_map and shared.fitted_on["pairs"] == 50
+    assert "one map fitted on text and 50 pairs" in shared.info["image_map"]
+    assert shared.fingerprint != fit_projection(new_t, old_t, **kw).fingerprint  # the pairs moved it
 
 
 def test_fit_rejects_mismatched_inputs():

@@ -43,17 +43,22 @@ def fit_cmd(
     texts_only: Annotated[
         bool, typer.Option("--texts-only", help="fit on captions alone (no image is embedded)")
     ] = False,
-    steps: Annotated[int, typer.Option("--steps", min=0, help="Adam steps of the text stage")] = 300,
-    pair_steps: Annotated[
-        int | None, typer.Option("--pair-steps", min=0, help="steps of the pair stage (default --steps)")
-    ] = None,
+    steps: Annotated[int, typer.Option("--steps", min=0, help="AdamW steps of the text stage")] = 300,
+    pair_steps: Annotated[int, typer.Option("--pair-steps", min=0, help="steps of the pair stage")] = 100,
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 1e-3,
+    lr: Annotated[float, typer.Option("--lr", min=0.0)] = 3e-3,
     kind: Annotated[
-        str, typer.Option("--kind", help="linear, or mlp (linear + a residual ReLU MLP)")
-    ] = "linear",
+        str, typer.Option("--kind", help="mlp (linear + a residual ReLU MLP), or linear")
+    ] = "mlp",
     hidden: Annotated[int, typer.Option("--hidden", min=1, help="mlp: hidden width")] = 256,
-    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="InfoNCE temperature")] = 0.05,
+    image_side: Annotated[
+        str,
+        typer.Option(
+            "--image-side",
+            help="pairs: shift (the text map + an image offset), own (a full image map) or shared",
+        ),
+    ] = "shift",
+    temperature: Annotated[float, typer.Option("--temperature", min=0.0, help="InfoNCE temperature")] = 0.1,
     batch_size: Annotated[
         int, typer.Option("--batch-size", min=2, help="InfoNCE batch (also embedding)")
     ] = 256,
@@ -66,13 +71,15 @@ def fit_cmd(
     """Fit a projection from NEW's embedding space into OLD's on --data: all captions first, then --pairs
     image-caption pairs (none with --texts-only); prints what it fitted on and what it embedded."""
     from xmodal.compat.data import embed_for_fit
-    from xmodal.compat.fit import fit_projection
+    from xmodal.compat.fit import IMAGE_SIDES, fit_projection
     from xmodal.compat.projection import KINDS, check_out
     from xmodal.fsutil import write_text_atomic
     from xmodal.models import load_encoder
 
     if kind not in KINDS:
         raise UserError(f"--kind {kind}: choose one of {', '.join(KINDS)}")
+    if image_side not in IMAGE_SIDES:
+        raise UserError(f"--image-side {image_side}: choose one of {', '.join(IMAGE_SIDES)}")
     if temperature <= 0 or lr <= 0:
         raise UserError("--temperature and --lr must be > 0")
     if not data.exists():
@@ -109,6 +116,7 @@ def fit_cmd(
         pair_text_index=fd.pair_text_index,
         kind=kind,
         hidden=hidden,
+        image_side=image_side,
         temperature=temperature,
         batch_size=batch_size,
     )

@@ -118,11 +118,18 @@ class Projection:
             "d_new": self.d_new,
             "d_old": self.d_old,
             "fitted_on": dict(self.fitted_on),
-            "image_map": "own (fitted on pairs)"
-            if self.has_image_map
-            else "shared with the text map (fitted on text only)",
+            "image_map": self._image_map_note(),
             "fingerprint": self.fingerprint,
         }
+
+    def _image_map_note(self) -> str:
+        pairs = int(self.fitted_on.get("pairs", 0))
+        if self.has_image_map:
+            how = {"shift": "the text map plus an image offset"}.get(self.settings.get("image_side"), "")
+            return f"own, fitted on {pairs} pairs" + (f" ({how})" if how else "")
+        if pairs:
+            return f"shared with the text map (one map fitted on text and {pairs} pairs)"
+        return "shared with the text map (fitted on text only)"
 
     # -- inference ---------------------------------------------------------------------------------------
     def apply(self, x: np.ndarray, modality: str) -> np.ndarray:
