@@ -237,3 +237,21 @@ def test_upgrade_through_a_projection_maps_the_new_queries_onto_the_old_gallery(
     proj.save(tmp_path / "v2.proj")
     with pytest.raises(UserError, match="changed since the upgrade"):
         open_index(idx_dir).search_rows(q, k=3)
+
+
+def test_rollback_after_an_add_keeps_the_new_items(setup, tmp_path):
+    """Items added after the upgrade (embedded by the gallery's model, as before) survive a rollback, which
+    then rewrites index.json instead of restoring it."""
+    idx_dir = _fresh(setup, tmp_path)
+    run_in_process("index", "upgrade", idx_dir, "--model", setup["new"])
+    rows = [
+        json.loads(x) for x in write_tiny_manifest(tmp_path / "more", n=3, seed=9).read_text().splitlines()
+    ]
+    more = tmp_path / "more.jsonl"  # ids are manifest-relative paths: more/img_000.png, …
+    more.write_text("".join(json.dumps({**r, "image": f"more/{r['image']}"}) + "\n" for r in rows))
+    run_in_process("index", "add", idx_dir, "--data", more, "--no-progress")
+    r = run_in_process("index", "rollback", idx_dir)
+    assert "items changed since the upgrade are kept" in r.stderr
+    idx = open_index(idx_dir)
+    assert len(idx) == N + 3 and idx.query_model is None and "upgrade" not in idx.info
+    assert [e["event"] for e in idx.info["chain"]] == ["build", "upgrade", "rollback"]
