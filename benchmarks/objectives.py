@@ -107,8 +107,8 @@ ELSEWHERE = {
     "feature": "needs a teacher: benchmarks/distill.py",
     "dcmh": "trains hash heads on a trained model, not an embedding",
     "bebr": "trains hash heads on a trained model, not an embedding",
-    "modx": "continual training from a previous model (--init-from); the task-stream benchmark is to come",
-    "ctp": "continual training from a previous model (--init-from); the task-stream benchmark is to come",
+    "modx": "continual training from a previous model (--init-from): benchmarks/continual.py",
+    "ctp": "continual training from a previous model (--init-from): benchmarks/continual.py",
     "bct": "compatibility with a previous model's gallery; the compatibility benchmark is to come",
 }
 QUICK_CANDIDATES = 2
