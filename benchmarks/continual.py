@@ -61,6 +61,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from objectives import TestSets, eval_dtype  # noqa: E402  (shared with the objectives benchmark)
 
 if importlib.util.find_spec("xmodal") is None:  # run from anywhere: the package lives beside benchmarks/
     sys.path.append(str(C.REPO))
@@ -477,29 +478,6 @@ def train_run(a: argparse.Namespace, argv: list[str], out: Path) -> dict:
 
 
 # -- evaluation ------------------------------------------------------------------------------------------
-
-
-class TestSets:
-    """Each stage's test split decoded once per image size, reused by every evaluation."""
-
-    def __init__(self, cache: Path) -> None:
-        self.cache, self._d = cache, {}
-
-    def get(self, path: Path, size: int):
-        from xmodal.data import load_dataset
-
-        key = (str(path), size)
-        if key not in self._d:
-            self._d[key] = load_dataset(path, size, cache_dir=self.cache, progress=False)
-        return self._d[key]
-
-
-def eval_dtype(precision: str):
-    import torch
-
-    from xmodal.train.precision import resolve_precision
-
-    return None if precision == "fp32" else resolve_precision(precision, torch.device("cpu"))
 
 
 def evaluate_stages(run: Path, stages: Sequence[StageData], tests: TestSets, dtype) -> list[dict]:
