@@ -7,14 +7,17 @@ gallery the old model embedded, and the compatibility metric M(new, old) against
 metric is `xmodal eval --task compat` (`xmodal.eval.compat`).
 """
 
-from xmodal.compat.projection import KINDS, Projection, load_projection
-
 __all__ = ["KINDS", "Projection", "fit_projection", "load_projection"]
 
 
 def __getattr__(name: str):
-    if name == "fit_projection":  # imports torch: only on first use
+    """Everything loads on first use: the CLI's help imports neither numpy nor torch."""
+    if name == "fit_projection":  # imports torch
         from xmodal.compat.fit import fit_projection
 
         return fit_projection
+    if name in ("KINDS", "Projection", "load_projection"):
+        from xmodal.compat import projection
+
+        return getattr(projection, name)
     raise AttributeError(f"module 'xmodal.compat' has no attribute {name!r}")

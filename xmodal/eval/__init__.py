@@ -1,17 +1,26 @@
 """Evaluation suite: retrieval, zero-shot, compositional probe, hubness, modality gap, robustness,
-with JSON + self-contained HTML reports. Metric definitions: docs/eval.md."""
+with JSON + self-contained HTML reports. Metric definitions: docs/eval.md.
 
-from xmodal.eval.cache import EmbeddingCache
-from xmodal.eval.core import TASKS, EvalOptions, read_templates
-from xmodal.eval.suite import DEFAULT_TASKS, evaluate, parse_tasks, write_json
+The names below load on first use (PEP 562): `xmodal eval --help` imports no torch."""
 
-__all__ = [
-    "DEFAULT_TASKS",
-    "TASKS",
-    "EmbeddingCache",
-    "EvalOptions",
-    "evaluate",
-    "parse_tasks",
-    "read_templates",
-    "write_json",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DEFAULT_TASKS": "suite",
+    "TASKS": "core",
+    "EmbeddingCache": "cache",
+    "EvalOptions": "core",
+    "evaluate": "suite",
+    "parse_tasks": "suite",
+    "read_templates": "core",
+    "write_json": "suite",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"xmodal.eval.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'xmodal.eval' has no attribute {name!r}")

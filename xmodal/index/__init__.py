@@ -1,13 +1,14 @@
 """Cross-modal search indexes: embed a collection, store it as FAISS + metadata, search it (with optional
 hubness correction), keep it up to date. See docs/search.md.
 
-The build functions (which embed with the model, so import torch) load on first use: importing
-`xmodal.index` or opening an index for vector search needs only faiss, numpy and pyarrow.
+Every name loads on first use (PEP 562): importing `xmodal.index` costs nothing, opening an index for
+vector search needs only faiss, numpy and pyarrow, and the build functions (which embed with the model)
+import torch.
 """
 
 from typing import Any
 
-from xmodal.index.store import KINDS, NORMS, SearchIndex, open_index
+_STORE = ("KINDS", "NORMS", "SearchIndex", "open_index")
 
 _BUILD = ("add_bank", "add_to_index", "build_index", "delete_from_index")
 _CHUNKS = ("ChunkPlan", "embed_chunk", "plan_chunks")  # scale-out: one chunk per map task (docs/search.md)
@@ -28,6 +29,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name in _STORE:
+        from xmodal.index import store
+
+        return getattr(store, name)
     if name in _BUILD:
         from xmodal.index import build
 

@@ -188,8 +188,16 @@ def register(cls: type[Objective]) -> type[Objective]:
     return cls
 
 
+def _loaded() -> dict[str, type[Objective]]:
+    """REGISTRY with every family imported (they register on import; `xmodal.objectives` loads lazily)."""
+    from xmodal.objectives import load_families
+
+    load_families()
+    return REGISTRY
+
+
 def _known() -> str:
-    return ", ".join(sorted(REGISTRY))
+    return ", ".join(sorted(_loaded()))
 
 
 @dataclass
@@ -263,7 +271,7 @@ def build(specs: Sequence[ObjectiveSpec]) -> list[tuple[Objective, float]]:
         raise UserError(f"--objective: give at least one objective ({_known()})")
     out = []
     for s in specs:
-        cls = REGISTRY.get(s.name)
+        cls = _loaded().get(s.name)
         if cls is None:
             raise UserError(f"--objective {s.name}: unknown objective; use one of {_known()}")
         allowed = [f.name for f in dataclasses.fields(cls.Params)]
@@ -371,7 +379,7 @@ class Composite:
 def describe() -> list[dict[str, Any]]:
     """One row per registered objective, for `xmodal objectives`."""
     rows = []
-    for name in sorted(REGISTRY):
+    for name in sorted(_loaded()):
         cls = REGISTRY[name]
         params = [f"{f.name}={f.default}" for f in dataclasses.fields(cls.Params)]
         rows.append(

@@ -10,8 +10,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from xmodal.serve.app import create_app
-from xmodal.serve.middleware import is_loopback_address
+
+def __getattr__(name: str) -> Any:
+    """`create_app` loads FastAPI on first use (`xmodal serve --help` and the other commands never do)."""
+    if name == "create_app":
+        from xmodal.serve.app import create_app
+
+        return create_app
+    raise AttributeError(f"module 'xmodal.serve' has no attribute {name!r}")
 
 
 def run(
@@ -33,6 +39,9 @@ def run(
     from `load_encoder`). rerank / max_rerank: ITM re-ranking depth by default and per request at most
     (see `create_app`)."""
     import uvicorn
+
+    from xmodal.serve.app import create_app
+    from xmodal.serve.middleware import is_loopback_address
 
     if not is_loopback_address(host) and not api_key:
         print(
@@ -118,6 +127,8 @@ def start_in_thread(
 ) -> ServerThread:
     """Start a server for the index on a background thread and return it (started). port=0 picks a free port.
     app_kwargs go to `create_app` (api_key, max_upload_mb, max_pixels, encoder, index, expose, ...)."""
+    from xmodal.serve.app import create_app
+
     app = create_app(index_path, host=host, **app_kwargs)
     return ServerThread(app, host=host, port=port).start()
 
