@@ -40,6 +40,9 @@ def main() -> None:
     """Entry point: bad input becomes one line on stderr and exit code 2, never a traceback."""
     from typer._click import exceptions as ce  # typer ≥ 0.29 vendors click
 
+    from xmodal.train.profile import mark_command_start
+
+    mark_command_start()  # a training run's profile.json counts its start-up from here
     try:
         app(standalone_mode=False)
     except UserError as e:

@@ -40,6 +40,13 @@ RESUME_MUST_MATCH = ("batch_size", "seed", "replay_fraction")  # and the data it
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, resume_override: bool = False) -> None:
+        from xmodal.train.profile import Phases
+
+        self.phases = Phases()  # where the command's time goes: RUN/profile.json
+        with self.phases("model"):
+            self._setup(cfg, resume, resume_override)
+
+    def _setup(self, cfg: TrainConfig, resume: bool, resume_override: bool) -> None:
         self.cfg = cfg
         self.device = pick_device(cfg.device)
         self.dist = D.init_distributed(self.device.type)
@@ -527,9 +534,10 @@ class Trainer:
 
     # -- the run -----------------------------------------------------------------------------
     def fit(self) -> Path:
-        cfg, main = self.cfg, self.dist.is_main
-        data = self._load(cfg.data)
-        val = self._load(cfg.val) if cfg.val else None
+        cfg, main, phase = self.cfg, self.dist.is_main, self.phases
+        with phase("data"):
+            data = self._load(cfg.data)
+            val = self._load(cfg.val) if cfg.val else None
         self.data_fingerprint = data_fingerprint(data)
         saved_fp = (self.resume_state or {}).get("data_fingerprint")
         if saved_fp and saved_fp != self.data_fingerprint and not self.resume_override:
@@ -537,7 +545,8 @@ class Trainer:
                 f"--resume: --data {cfg.data} is not the data this run was trained on (other samples or "
                 "captions); resume with the run's data, or add --resume-override"
             )
-        replay = self._load(cfg.replay) if cfg.replay else None  # the same pipeline and cache as --data
+        with phase("data"):
+            replay = self._load(cfg.replay) if cfg.replay else None  # the same pipeline and cache as --data
         if replay is not None:
             self.replay_fingerprint = data_fingerprint(replay)
             saved_fp = (self.resume_state or {}).get("replay_fingerprint")
@@ -546,8 +555,10 @@ class Trainer:
                     f"--resume: --replay {cfg.replay} is not the old data this run replayed (other samples "
                     "or captions); resume with the run's --replay data, or add --resume-override"
                 )
-        batcher = self.batcher = Batcher(data, self.tokenizer, cfg, self.dist, replay=replay)
-        teacher_info = self._teacher_cache(data) if self.distill_teacher is not None else None
+        with phase("batcher"):
+            batcher = self.batcher = Batcher(data, self.tokenizer, cfg, self.dist, replay=replay)
+        with phase("teacher"):
+            teacher_info = self._teacher_cache(data) if self.distill_teacher is not None else None
         total = cfg.steps or max(1, int(cfg.epochs * batcher.steps_per_epoch))
         start = int(self.resume_state["step"]) if self.resume_state else 0
         if main:
@@ -575,6 +586,7 @@ class Trainer:
         nxt = pool.submit(batcher.get, start) if start < total else None
         t_last, n_since, loss_sum = time.perf_counter(), 0, 0.0
         step = start
+        loop_start, outside = time.perf_counter(), self._outside_steps()
         try:
             for step in range(start, total):
                 images, tokens, labels = nxt.result()
@@ -606,22 +618,32 @@ class Trainer:
                     )
                     t_last, n_since, loss_sum = now, 0, 0.0
                 if val is not None and (done == total or (cfg.eval_every and done % cfg.eval_every == 0)):
-                    encoder = self._eval_encoder()  # collective under FSDP
-                    if main:
-                        log.write({"step": done, "val": self.validate(encoder, val)})
-                    D.barrier()
+                    with phase("validation"):
+                        encoder = self._eval_encoder()  # collective under FSDP
+                        if main:
+                            log.write({"step": done, "val": self.validate(encoder, val)})
+                        D.barrier()
                 if done % cfg.save_every == 0 or done == total:
-                    self.save(done)
+                    with phase("checkpoints"):
+                        self.save(done)
                 if _STEP_DELAY:
                     time.sleep(_STEP_DELAY)
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
             progress.close()
+        phase.seconds["steps"] = time.perf_counter() - loop_start - (self._outside_steps() - outside)
+        with phase("finish"):
+            if main:
+                log.close()
+                plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
+            D.barrier()
         if main:
-            log.close()
-            plot_loss_curve(self.run_dir / "metrics.jsonl", self.run_dir / "loss.png")
-        D.barrier()
+            print(phase.write(self.run_dir, total - start, (total - start) * cfg.batch_size))
         return self.run_dir
+
+    def _outside_steps(self) -> float:
+        """Seconds spent so far in the loop's validation and checkpoints (taken out of `steps`)."""
+        return self.phases.seconds.get("validation", 0.0) + self.phases.seconds.get("checkpoints", 0.0)
 
     def _replay_info(self, replay: ImageTextData) -> dict[str, Any]:
         """What metrics.jsonl records of `--replay`: the old data, and the rows of each batch it gives."""
