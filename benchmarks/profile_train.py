@@ -21,7 +21,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DEFAULT_WORK, REPO, add_record_args, ensure_shapes, machine_line, record, table  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_WORK,
+    REPO,
+    add_record_args,
+    ensure_shapes,
+    machine_line,
+    matmul_peak,
+    record,
+    table,
+    xmodal_precision,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +58,27 @@ def run(a: argparse.Namespace, data: Path, cache: Path, name: str) -> tuple[dict
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "profile.json").read_text()), time.perf_counter() - t0
+
+
+def step_flops(a: argparse.Namespace, data: Path, cache: Path) -> float:
+    """FLOPs of one training step (forward and backward, as torch's FlopCounterMode counts them: matmuls,
+    convolutions, attention) on a real batch of the data, through the trainer's own step."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from xmodal.train.batcher import Batcher
+    from xmodal.train.config import resolve_config
+    from xmodal.train.trainer import Trainer
+
+    out = a.work / "flops"
+    shutil.rmtree(out, ignore_errors=True)
+    flags = {"data": str(data), "out": str(out), "model": a.model, "steps": 1, "batch_size": a.batch_size}
+    cfg = resolve_config(None, {**flags, "precision": "auto", "cache_dir": str(cache)})
+    trainer = Trainer(cfg)
+    trainer.batcher = Batcher(trainer._load(cfg.data), trainer.tokenizer, cfg, trainer.dist)
+    images, tokens, labels = trainer.batcher.get(0)
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(0, images, tokens, labels)
+    return float(counter.get_total_flops())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -85,6 +116,20 @@ def main(argv: list[str] | None = None) -> None:
         ],
         ["end to end (process wall)", f"{samples / cold_wall:.0f}", f"{samples / warm_wall:.0f}"],
     ]
+    flops = step_flops(a, data, cache)
+    dtype = xmodal_precision("auto")
+    peak = matmul_peak()["bfloat16" if dtype == "bf16" else "float32"]
+    steps_per_s = a.steps / warm["phases_s"]["steps"]
+    mfu = [
+        ["model FLOPs per step (FlopCounterMode, forward + backward)", f"{flops / 1e9:.1f} GFLOP"],
+        [f"measured matmul peak ({dtype}, 2048³, best of 10)", f"{peak / 1e9:.0f} GFLOP/s"],
+        ["model FLOP/s in the warm run's steps", f"{flops * steps_per_s / 1e9:.0f} GFLOP/s"],
+        ["share of the peak, steps only", f"{100 * flops * steps_per_s / peak:.0f}%"],
+        [
+            "share of the peak, end to end (warm process wall)",
+            f"{100 * flops * a.steps / warm_wall / peak:.0f}%",
+        ],
+    ]
     body = (
         f"`xmodal train --model {a.model} --steps {a.steps} --batch-size {a.batch_size} --precision auto` on "
         "the shapes training set (5,000 images), each a fresh process: first with an empty image cache "
@@ -92,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         + table(["phase", "cold s", "cold share", "warm s", "warm share"], rows)
         + "\n\nSamples/s:\n\n"
         + table(["rate", "cold", "warm"], rates)
+        + "\n\nModel FLOP/s against the machine's matmul peak:\n\n"
+        + table(["", "value"], mfu)
     )
     record("profile_train", "Whole-command training profile (shapes)", body, machine_line(), started=started,
            write=not a.no_write, path=a.record_to)  # fmt: skip
