@@ -108,6 +108,38 @@ def run_in_process(*args, check: bool = True) -> Result:
     return Result(rc, out.getvalue(), err.getvalue())
 
 
+def sigkill_at_line(args: list[str], prefix: str, env: dict | None = None, timeout: float = 240) -> str:
+    """Run `xmodal ARGS` as a real process, SIGKILL it as soon as a stderr line starts with `prefix`, and
+    return the stderr it printed; fails unless the kill is what ended it (a crash test's first half)."""
+    import signal
+    import time
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "xmodal", *map(str, args)],
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            seen.append(line)
+            if line.startswith(prefix):
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    return "".join(seen)
+
+
 def train_fused_and_plain(manifest: Path, root: Path) -> tuple[Path, Path]:
     """Two xm-micro runs on `manifest` for the re-ranking tests: one with a fusion encoder
     (clip+itm+mlm, 6 steps) and one without (clip, 1 step)."""

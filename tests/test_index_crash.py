@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import sys
-import time
 
-from conftest import REPO, run_in_process, write_tiny_manifest
+from conftest import run_in_process, sigkill_at_line, write_tiny_manifest
 
 from xmodal.index import open_index
 from xmodal.index.embed import TEST_DELAY_ENV
@@ -22,44 +17,8 @@ def test_sigkill_during_build_then_resume(tmp_path):
     run_in_process("index", "build", "xm-micro", "--data", str(small), "--out", str(out), "--no-progress")
     assert len(open_index(out)) == 6
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "xmodal",
-        "index",
-        "build",
-        "xm-micro",
-        "--data",
-        str(big),
-        "--out",
-        str(out),
-        "--chunk-size",
-        "4",
-        "--no-progress",
-    ]
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, TEST_DELAY_ENV: "0.5"},
-    )
-    seen: list[str] = []
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            seen.append(line)
-            if re.match(r"chunk 3/10 computed", line):
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    build = ["index", "build", "xm-micro", "--data", big, "--out", out, "--chunk-size", "4", "--no-progress"]
+    sigkill_at_line(build, "chunk 3/10 computed", env={TEST_DELAY_ENV: "0.5"})
 
     # the previous index is untouched and loads; the finished chunks are on disk
     idx = open_index(out)

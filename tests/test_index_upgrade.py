@@ -4,19 +4,14 @@ a crash-safe re-embedding, and merged search while it is partial."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import MICRO_TRAIN, REPO, run_in_process, write_tiny_manifest
+from conftest import MICRO_TRAIN, run_in_process, sigkill_at_line, write_tiny_manifest
 
 from xmodal.errors import UserError
 from xmodal.index import open_index
@@ -132,31 +127,8 @@ def test_search_during_backfill_is_merged_and_ordered(setup, tmp_path):
 def test_sigkill_during_backfill_loses_no_finished_chunk(setup, tmp_path):
     idx_dir = _fresh(setup, tmp_path)
     run_in_process("index", "upgrade", idx_dir, "--model", setup["new"])
-    cmd = [sys.executable, "-m", "xmodal", "index", "backfill", str(idx_dir), "--chunk-size", str(CHUNK),
-           "--no-progress"]  # fmt: skip
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, TEST_DELAY_ENV: "1.0"},
-    )
-    seen: list[str] = []
-    deadline = time.monotonic() + 240
-    try:
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            seen.append(line)
-            if line.startswith("chunk 2/5 computed"):
-                proc.send_signal(signal.SIGKILL)
-                break
-    finally:
-        proc.kill()
-        proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    backfill = ["index", "backfill", idx_dir, "--chunk-size", CHUNK, "--no-progress"]
+    sigkill_at_line(backfill, "chunk 2/5 computed", env={TEST_DELAY_ENV: "1.0"})
     work = tmp_path / "idx.work-backfill"
     finished = sorted(work.glob("chunk_*.npz"))
     assert len(finished) >= 2

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 
 from xmodal import fsutil
 from xmodal.errors import UserError
@@ -202,12 +201,7 @@ def build_index(
         cap_v = cap_m = None
         if caption_gallery:
             cap_v = emb.caption_vectors
-            cap_m = pa.table(
-                {
-                    "id": pa.array([emb.rows[i]["id"] for i in emb.caption_items], pa.string()),
-                    "caption": pa.array(emb.caption_texts, pa.string()),
-                }
-            )
+            cap_m = emb.caption_table()
         idx = SearchIndex(
             info,
             rows_to_table(emb.rows),

@@ -73,6 +73,17 @@ class Embedded:
     chunks_computed: int = 0
     chunks_reused: int = 0
 
+    def caption_table(self) -> Any:
+        """The caption gallery's rows (item id, caption) as a pyarrow table, aligned with caption_vectors."""
+        import pyarrow as pa
+
+        return pa.table(
+            {
+                "id": pa.array([self.rows[i]["id"] for i in self.caption_items], pa.string()),
+                "caption": pa.array(self.caption_texts, pa.string()),
+            }
+        )
+
 
 # -- thumbnails ---------------------------------------------------------------------------------------
 

@@ -110,12 +110,7 @@ class MutationMixin:
                     if emb.caption_vectors is not None
                     else np.zeros((0, self.dim), np.float32)
                 )
-                cm = pa.table(
-                    {
-                        "id": pa.array([new_ids[i] for i in emb.caption_items], pa.string()),
-                        "caption": pa.array(emb.caption_texts, pa.string()),
-                    }
-                )
+                cm = emb.caption_table()
                 self.caption_vectors = (
                     np.concatenate([self.caption_vectors, cv]) if self.caption_vectors is not None else cv
                 )

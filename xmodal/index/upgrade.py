@@ -517,12 +517,7 @@ def _backfilled(idx: Any, emb: Any, enc: Any, plan: Any, coder: Any) -> Any:
     cap_v = cap_m = None
     if info.get("caption_gallery"):
         cap_v = emb.caption_vectors
-        cap_m = pa.table(
-            {
-                "id": pa.array([emb.rows[i]["id"] for i in emb.caption_items], pa.string()),
-                "caption": pa.array(emb.caption_texts, pa.string()),
-            }
-        )
+        cap_m = emb.caption_table()
     new = SearchIndex(
         info,
         idx.meta.filter(pa.array(ok)),
