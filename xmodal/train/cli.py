@@ -72,6 +72,12 @@ def train(
     grad_clip: float | None = typer.Option(None, help="Max gradient norm (0 = off)."),
     precision: str | None = typer.Option(None, help="auto | fp32 | bf16 | fp16 (CUDA only)."),
     compile: bool | None = typer.Option(None, "--compile/--no-compile", help="torch.compile the towers."),
+    patch_dropout: float | None = typer.Option(
+        None, help="FLIP: drop this share of the image patches in training, e.g. 0.5 (0 = off)."
+    ),
+    unmasked_steps: int | None = typer.Option(
+        None, help="FLIP's unmasked tuning: the last N steps train on every patch (with --patch-dropout)."
+    ),
     seed: int | None = typer.Option(None),
     device: str | None = typer.Option(None, help="auto | cpu | cuda"),
     fsdp: bool | None = typer.Option(None, "--fsdp/--no-fsdp", help="Shard the model over ranks (torchrun)."),

@@ -61,6 +61,8 @@ class TrainConfig:
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (fp16 only on CUDA)
     compile: bool = False
+    patch_dropout: float = 0.0  # FLIP: the share of image patches each training step drops (0 = off)
+    unmasked_steps: int = 0  # FLIP's unmasked tuning: the run's last N steps see every patch
     seed: int = 0
     device: str = "auto"
     fsdp: bool = False  # shard parameters/gradients/optimizer state over ranks (torchrun)
@@ -256,7 +258,9 @@ def validate(cfg: TrainConfig) -> None:
     at_least = {
         "log_every": 1,
         "save_every": 1,
-        **dict.fromkeys(("keep_checkpoints", "eval_every", "warmup", "aug_randaugment_n"), 0),
+        **dict.fromkeys(
+            ("keep_checkpoints", "eval_every", "warmup", "aug_randaugment_n", "unmasked_steps"), 0
+        ),
         **dict.fromkeys(("lock_image_unlocked_groups", "lock_text_unlocked_layers"), 0),
         **dict.fromkeys(("aug_color", "weight_decay", "grad_clip", "min_lr"), 0.0),
     }
@@ -269,6 +273,12 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("beta1", "beta2"):
         if not 0 <= getattr(cfg, name) < 1:
             raise UserError(f"{_flag(name)} {getattr(cfg, name)}: Adam's betas are in [0, 1)")
+    if not 0 <= cfg.patch_dropout < 1:
+        raise UserError(f"--patch-dropout {cfg.patch_dropout}: the share of patches dropped, in [0, 1)")
+    if cfg.unmasked_steps and not cfg.patch_dropout:
+        raise UserError(
+            "--unmasked-steps tunes without patch dropout after it; add --patch-dropout (e.g. 0.5)"
+        )
     if cfg.teacher_cache not in TEACHER_CACHE:
         raise UserError(f"--teacher-cache {cfg.teacher_cache}: use {', '.join(TEACHER_CACHE)}")
     if cfg.teacher_pretrained and not cfg.teacher:

@@ -165,6 +165,8 @@ class Trainer:
                     )
                 self.momentum_model.load_state_dict(saved or self.resume_state["model"])
             self.objective.load_state_dict(self.resume_state.get("objectives") or {})
+        self.patch_drop = self._patch_dropout(cfg) if cfg.patch_dropout else None
+        self._masked_until = math.inf  # fit() sets the first --unmasked-steps step
         D.broadcast_params(self.model)
         self.tokenizer = build_tokenizer(self.model_cfg)
         self.encoder = Encoder(
@@ -319,6 +321,18 @@ class Trainer:
                 f"e.g. {bad[0]}); give --model the run's own config"
             )
 
+    def _patch_dropout(self, cfg: TrainConfig):
+        """FLIP's patch dropout in the live image tower (the frozen copies see every patch)."""
+        from xmodal.models.patch_dropout import install_patch_dropout
+
+        clash = sorted(self.needs & {"tokens", "fusion", "caption"}) + (["--compile"] if cfg.compile else [])
+        if clash:
+            raise UserError(
+                f"--patch-dropout {cfg.patch_dropout}: not with {', '.join(clash)} yet (those read every "
+                "image token, or trace the tower once); drop one of them"
+            )
+        return install_patch_dropout(self.model, cfg.patch_dropout, cfg.seed, "--patch-dropout")
+
     def _frozen_copy(self) -> torch.nn.Module:
         return copy.deepcopy(self.model).eval().requires_grad_(False)
 
@@ -449,10 +463,12 @@ class Trainer:
     def _pixels(self, images: torch.Tensor, step: int, offset: int) -> torch.Tensor:
         """uint8 → float [0,1] on the device, augmented; `offset` = local position in the rank's batch."""
         x = images.to(self.device, non_blocking=True).float().div_(255)
+        start = self.dist.rank * (self.cfg.batch_size // self.dist.world_size) + offset
         if self.aug.images_enabled:
             gen = torch.Generator().manual_seed(stable_seed(self.cfg.seed, step, 11))
-            start = self.dist.rank * (self.cfg.batch_size // self.dist.world_size) + offset
             x = augment_images(x, self.aug, gen, offset=start, total=self.cfg.batch_size)
+        if self.patch_drop is not None:  # the next forward drops these rows' patches (not in the last steps)
+            self.patch_drop.at(step, start, self.cfg.batch_size, active=step < self._masked_until)
         return x
 
     def backward(
@@ -560,6 +576,11 @@ class Trainer:
         with phase("teacher"):
             teacher_info = self._teacher_cache(data) if self.distill_teacher is not None else None
         total = cfg.steps or max(1, int(cfg.epochs * batcher.steps_per_epoch))
+        if cfg.unmasked_steps >= total:
+            raise UserError(
+                f"--unmasked-steps {cfg.unmasked_steps}: the run has {total} steps; tune fewer than that"
+            )
+        self._masked_until = total - cfg.unmasked_steps  # FLIP: steps from here on see every patch
         start = int(self.resume_state["step"]) if self.resume_state else 0
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
