@@ -131,3 +131,19 @@ def test_nothing_usable_is_a_user_error(tmp_path):
         load_dataset(tmp_path / "m.jsonl", 16, cache_dir=tmp_path / "c", progress=False)
     with pytest.raises(UserError, match="--image-size"):
         load_dataset(tmp_path / "m.jsonl", 0, progress=False)
+
+
+def test_auto_workers_decode_big_sets_on_every_core_with_the_same_result(tmp_path, monkeypatch):
+    cores = len(os.sched_getaffinity(0))
+    assert D.decode_workers(D.POOL_MIN_RECORDS - 1, D.AUTO_WORKERS) == 0
+    assert D.decode_workers(D.POOL_MIN_RECORDS, D.AUTO_WORKERS) == (cores if cores > 1 else 0)
+    assert D.decode_workers(10, 3) == 3  # a given count is kept
+    monkeypatch.setattr(D, "POOL_MIN_RECORDS", 2)  # the tiny set takes the pool path
+    monkeypatch.setattr(D.os, "sched_getaffinity", lambda pid: {0, 1})
+    pools, real = [], D.mp.get_context
+    monkeypatch.setattr(D.mp, "get_context", lambda method: pools.append(method) or real(method))
+    manifest = _manifest(tmp_path / "d")
+    auto = load_dataset(manifest, 16, cache_dir=tmp_path / "c", workers=D.AUTO_WORKERS, progress=False)
+    assert pools  # decoded in a pool
+    inline = load_dataset(manifest, 16, use_cache=False, progress=False)
+    assert torch.equal(auto.images, inline.images) and auto.keys == inline.keys

@@ -34,6 +34,8 @@ FORMAT_VERSION = 1  # bump when decoding/resizing changes, so old cache entries 
 MAX_PIXELS = 64_000_000
 _MAX_ASPECT = 64  # longer/shorter side; beyond it the source is centre-cropped first (bounds memory)
 _PROGRESS_MIN = 256
+AUTO_WORKERS = -1  # load_dataset(workers=AUTO_WORKERS): a pool of every core for big sets
+POOL_MIN_RECORDS = 512  # below this a process pool's start costs more than it saves
 
 
 def resize_center_crop(img: Image.Image, size: int) -> torch.Tensor:
@@ -96,9 +98,19 @@ def _decode_one(job: tuple[str | bytes, int | None, int]) -> tuple[np.ndarray | 
         return None, {"corrupt_image": 1}
 
 
+def decode_workers(n_records: int, workers: int) -> int:
+    """Decoding processes: `workers` as given, or for AUTO_WORKERS (-1) every core this process may use once
+    the set is big enough for a pool to pay for its start (else 0: decode in this process)."""
+    if workers != AUTO_WORKERS:
+        return workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return cores if cores > 1 and n_records >= POOL_MIN_RECORDS else 0
+
+
 def _decode_all(records: list[Record], size: int | None, workers: int, progress: bool,
                 label: str) -> Iterator[tuple[np.ndarray | None, dict[str, int]]]:
     """Decode records in order, in a process pool when workers > 0, with a progress bar for big sets."""
+    workers = decode_workers(len(records), workers)
     jobs = ((r.image, size, MAX_PIXELS) for r in records)
     show = progress and len(records) >= _PROGRESS_MIN
     with contextlib.ExitStack() as stack:
