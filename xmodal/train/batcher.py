@@ -64,8 +64,11 @@ class Batcher:
         cfg: TrainConfig,
         dist: D.DistInfo,
         replay: ImageTextData | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.data, self.tokenizer, self.cfg, self.dist = data, tokenizer, cfg, dist
+        # CUDA: `get` returns the batch on the device, copied from pinned memory on a side stream
+        self._cuda = _CudaCopy(device) if device is not None and device.type == "cuda" else None
         self.replay = replay
         self.n = len(data)
         self.global_batch = cfg.batch_size
@@ -189,6 +192,8 @@ class Batcher:
         made for the whole global batch (or per global position), so ranks see exactly their slice of it."""
         local, cap_idx = self.local_rows(step)
         tokens = self.tokens[cap_idx] if self.tokens is not None else self.tokenizer(self.texts(step))
+        if self._cuda is not None:
+            return self._cuda(self._images_pinned(local), tokens, self.label_ids[local])
         return self._images(local), tokens, self.label_ids[local]
 
     def _images(self, rows: torch.Tensor) -> torch.Tensor:
@@ -198,4 +203,41 @@ class Batcher:
         out = torch.empty((len(rows), *self.data.images.shape[1:]), dtype=self.data.images.dtype)
         out[~old] = self.data.images[rows[~old]]
         out[old] = self.replay.images[rows[old] - self.n]
+        return out
+
+    def _images_pinned(self, rows: torch.Tensor) -> torch.Tensor:
+        """`_images(rows)` gathered straight into page-locked memory (one copy, no pinning pass after)."""
+        shape = (len(rows), *self.data.images.shape[1:])
+        out = torch.empty(shape, dtype=self.data.images.dtype, pin_memory=True)
+        if self.replay is None:
+            return torch.index_select(self.data.images, 0, rows, out=out)
+        old = rows >= self.n
+        out[~old] = self.data.images[rows[~old]]
+        out[old] = self.replay.images[rows[old] - self.n]
+        return out
+
+
+class _CudaCopy:
+    """Host → GPU copy of a batch on a side CUDA stream, from pinned memory, in the thread that calls it
+    (`Trainer.fit` runs `Batcher.get` in a background thread), so the copy overlaps the running step.
+
+    The thread waits for the copy to finish before handing the tensors over, so the consumer may use them
+    on its own stream without waiting; `record_stream` tells the caching allocator that the consumer
+    stream (the current stream of the thread that built the Batcher: the training loop's) uses their
+    memory, so it is not reused for a later copy while a step still reads it."""
+
+    def __init__(self, device: torch.device) -> None:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        self.device = torch.device("cuda", index)
+        self.stream = torch.cuda.Stream(self.device)
+        self.consumer = torch.cuda.current_stream(self.device)
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
+            host = [t if t.is_pinned() else t.pin_memory() for t in tensors]
+            out = tuple(t.to(self.device, non_blocking=True) for t in host)
+            done = self.stream.record_event()
+        done.synchronize()
+        for t in out:
+            t.record_stream(self.consumer)
         return out
