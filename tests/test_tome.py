@@ -208,3 +208,34 @@ def test_rejects_bad_input(clip):
     with pytest.raises(TypeError):
         apply_tome(torch.nn.Linear(2, 2), 4)
     remove_tome(model)  # no-op when unpatched
+
+
+def test_a_tome_run_is_evaluated_and_served_with_the_same_merging(tiny_manifest, tmp_path):
+    import json
+
+    from tests.conftest import run_in_process
+    from xmodal.models import resolve_model_config
+    from xmodal.models.encoder import load_encoder
+    from xmodal.models.tome import remove_tome
+
+    cfg = resolve_model_config(ModelSpec("xm-micro"))
+    cfg["vision_cfg"]["layers"] = 2  # (one block: the class token's output does not see the merge)
+    (tmp_path / "two-blocks.json").write_text(json.dumps(cfg))
+    run = tmp_path / "run"
+    model = str(tmp_path / "two-blocks.json")
+    common = ["train", "--data", tiny_manifest, "--model", model, "--precision", "fp32", "--no-progress"]
+    run_in_process(*common, "--batch-size", "8", "--steps", "2", "--tome", "2", "--out", run)
+    enc = load_encoder(run, device="cpu")  # what eval, index and serve load
+    tower = enc.model.visual.transformer
+    assert tower.tome_r == [2, 2] and tower.tome_prop_attn is False
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        merged = enc.model.encode_image(x)
+        remove_tome(enc.model)
+        plain = enc.model.encode_image(x)
+    assert not torch.allclose(merged, plain)  # the merging is in force after loading
+    exported = run_in_process("export", run, tmp_path / "oc")
+    assert exported.returncode == 0 and "tome" not in (tmp_path / "oc" / "model.json").read_text()
+    bad = run_in_process(*common, "--batch-size", "8", "--steps", "2", "--tome", "2", "--objective",
+                         "clip+filip", "--out", tmp_path / "bad", check=False)  # fmt: skip
+    assert bad.returncode == 2 and "--tome 2: not with tokens yet" in bad.stderr

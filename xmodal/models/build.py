@@ -113,6 +113,7 @@ def build_model(
     custom = _is_custom_text(cfg)
     cfg.pop("custom_text", None)
     heads = {name: cfg.pop(name, None) for name in EXTRA_HEADS}  # attached after the open_clip towers
+    heads["tome"] = cfg.pop("tome", None)  # token merging in the image tower: no weights of its own
     fusion = heads["fusion"]
     if "hf_model_name" in cfg["text_cfg"]:
         cfg["text_cfg"]["hf_model_pretrained"] = load_hf_weights and not spec.pretrained
@@ -166,6 +167,13 @@ def init_coca_decoder(decoder: torch.nn.Module) -> None:
 
 
 def _with_heads(model: torch.nn.Module, heads: dict[str, dict[str, Any] | None]) -> torch.nn.Module:
+    if heads["tome"] is not None:  # the model trains, and is evaluated and served, with the same merging
+        from xmodal.models.tome import apply_tome
+
+        try:
+            apply_tome(model, heads["tome"]["r"], prop_attn=heads["tome"].get("prop_attn", False))
+        except TypeError as e:
+            raise UserError(f"--tome: {e}") from None
     if heads["fusion"] is not None:
         from xmodal.models.fusion import attach_fusion
 

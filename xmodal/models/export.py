@@ -25,7 +25,7 @@ def export_open_clip(run: str | Path, out_dir: str | Path, checkpoint: str | Non
     out.mkdir(parents=True, exist_ok=True)
     model_cfg = dict(enc.model_cfg)
     fusion_cfg = model_cfg.get("fusion")
-    for name in EXTRA_HEADS:
+    for name in (*EXTRA_HEADS, "tome"):  # (open_clip's towers run without ToMe's merging)
         model_cfg.pop(name, None)
     preprocess = {
         "size": enc.image_size,

@@ -75,6 +75,9 @@ def train(
     patch_dropout: float | None = typer.Option(
         None, help="FLIP: drop this share of the image patches in training, e.g. 0.5 (0 = off)."
     ),
+    tome: int | None = typer.Option(
+        None, help="ToMe: merge this many image tokens in each image-tower block (training and after)."
+    ),
     unmasked_steps: int | None = typer.Option(
         None, help="FLIP's unmasked tuning: the last N steps train on every patch (with --patch-dropout)."
     ),

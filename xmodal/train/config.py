@@ -63,6 +63,7 @@ class TrainConfig:
     compile: bool = False
     patch_dropout: float = 0.0  # FLIP: the share of image patches each training step drops (0 = off)
     unmasked_steps: int = 0  # FLIP's unmasked tuning: the run's last N steps see every patch
+    tome: int = 0  # ToMe: image tokens merged in each image-tower block, in training and after (0 = off)
     seed: int = 0
     device: str = "auto"
     fsdp: bool = False  # shard parameters/gradients/optimizer state over ranks (torchrun)
@@ -259,7 +260,7 @@ def validate(cfg: TrainConfig) -> None:
         "log_every": 1,
         "save_every": 1,
         **dict.fromkeys(
-            ("keep_checkpoints", "eval_every", "warmup", "aug_randaugment_n", "unmasked_steps"), 0
+            ("keep_checkpoints", "eval_every", "warmup", "aug_randaugment_n", "unmasked_steps", "tome"), 0
         ),
         **dict.fromkeys(("lock_image_unlocked_groups", "lock_text_unlocked_layers"), 0),
         **dict.fromkeys(("aug_color", "weight_decay", "grad_clip", "min_lr"), 0.0),
