@@ -1,12 +1,17 @@
-"""Process-group setup for torchrun (gloo on CPU, NCCL on GPUs) and gradient averaging."""
+"""Process-group setup for torchrun (gloo on CPU, NCCL on GPUs) and gradient averaging: DDP's bucketed
+all-reduce where it applies, else one flat all-reduce after the backward."""
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 @dataclass
@@ -38,8 +43,8 @@ def init_distributed(device_type: str) -> DistInfo:
 
 
 def all_reduce_mean_grads(params: list[torch.nn.Parameter], world_size: int) -> None:
-    """Average gradients over ranks in one flat buffer per dtype (what DDP does, without hooks, so
-    that it also works with cached-feature gradient accumulation)."""
+    """Average gradients over ranks in one flat buffer per dtype, after the whole backward: for the
+    parameters DDP ignores, and for everything where DDP is not used (`Trainer._data_parallel`)."""
     if world_size <= 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
@@ -55,6 +60,46 @@ def all_reduce_mean_grads(params: list[torch.nn.Parameter], world_size: int) -> 
             n = g.numel()
             g.copy_(flat[offset : offset + n].view_as(g))
             offset += n
+
+
+class _Forward(torch.nn.Module):
+    """`run(*inputs)`, a function of `model`, as the forward of a module owning the model: what DDP wraps."""
+
+    def __init__(self, model: torch.nn.Module, run: Callable[..., Any]) -> None:
+        super().__init__()
+        self.model, self.run = model, run
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        return self.run(*inputs)
+
+
+def data_parallel(
+    model: torch.nn.Module, run: Callable[..., Any], ignore: list[str], device: torch.device
+) -> DDP:
+    """`run` under DDP, which all-reduces each bucket of gradients as soon as the backward has filled it,
+    overlapping communication with the rest of the backward; `no_sync()` defers it to a last micro-batch.
+
+    The parameters named in `ignore` are left to `all_reduce_mean_grads` after the backward: DDP only
+    expects gradients of parameters reached from `run`'s outputs, in the backward that follows it, and
+    the loss also uses these elsewhere (the temperature on GradCache's cached features, objective heads).
+    find_unused_parameters: a part the objectives leave unused (CoCa's decoder under plain clip) then
+    keeps no gradient instead of stalling the reduction (static_graph, which would skip that per-step
+    graph search, fails under no_sync). No buffer broadcast: rank 0's buffers, the ones saved, are its
+    own either way (BatchNorm statistics do not enter a training forward)."""
+    module = _Forward(model, run)
+    DDP._set_params_and_buffers_to_ignore_for_model(module, [f"model.{n}" for n in ignore])
+    no_sync_buffers = (  # the argument's name since torch 2.14
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(DDP).parameters
+        else {"broadcast_buffers": False}
+    )
+    return DDP(
+        module,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        find_unused_parameters=True,
+        gradient_as_bucket_view=True,  # no copy between .grad and the buckets
+        **no_sync_buffers,
+    )
 
 
 def broadcast_params(model: torch.nn.Module) -> None:

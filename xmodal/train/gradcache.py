@@ -10,6 +10,7 @@ GradCache authors' own `RandContext` does.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
 import torch
@@ -42,13 +43,15 @@ def cached_feature_backward(
     inputs: Sequence[Sequence[torch.Tensor]],
     loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     scale_loss: Callable[[torch.Tensor], torch.Tensor] = lambda loss: loss,
+    no_sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> torch.Tensor:
     """Accumulate into the parameters' .grad the gradient of `loss_of(all image features, all text
     features)` over the micro-batches `forward(0..k-1)`; returns the (unscaled) loss. `loss_of` takes the
     temperature (and bias) from the model itself, so that they get their gradient too.
 
     `inputs[i]` are micro-batch i's device tensors (they say which CUDA devices' RNG states to keep);
-    `scale_loss` is applied to the loss before backward (a float16 GradScaler's `scale`)."""
+    `scale_loss` is applied to the loss before backward (a float16 GradScaler's `scale`); every
+    micro-batch but the last re-runs under `no_sync()` (DDP's: gradients all-reduced once, in the last)."""
     states, feats = [], []
     with torch.no_grad():
         for i in range(len(inputs)):
@@ -61,7 +64,8 @@ def cached_feature_backward(
     sizes = [len(f[0]) for f in feats]
     g_img, g_txt = img_all.grad.split(sizes), txt_all.grad.split(sizes)
     for i, state in enumerate(states):
-        with state:
-            img, txt = forward(i)[:2]
-        torch.autograd.backward([img, txt], [g_img[i], g_txt[i]])
+        with no_sync() if i < len(states) - 1 else contextlib.nullcontext():
+            with state:
+                img, txt = forward(i)[:2]
+            torch.autograd.backward([img, txt], [g_img[i], g_txt[i]])
     return loss

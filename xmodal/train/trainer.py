@@ -35,6 +35,7 @@ from xmodal.train.precision import make_grad_scaler, resolve_precision
 
 # Crash tests need a run slow enough to kill mid-way; nothing else should set this.
 _STEP_DELAY = float(os.environ.get("XMODAL_TEST_STEP_DELAY", "0"))
+_FLAT_REDUCE = False  # tests set this to compare DDP's all-reduce with the flat one (`_data_parallel`)
 RESUME_MUST_MATCH = ("batch_size", "seed", "replay_fraction")  # and the data itself: `data_fingerprint`
 
 
@@ -197,6 +198,7 @@ class Trainer:
             if self.scaler is not None and self.resume_state.get("scaler"):
                 self.scaler.load_state_dict(self.resume_state["scaler"])
         self._eval_copy: Encoder | None = None
+        self.ddp = self._data_parallel()
         self._features = self._forward_features
         if cfg.compile:
             self._features = torch.compile(self._forward_features)
@@ -336,6 +338,22 @@ class Trainer:
     def _frozen_copy(self) -> torch.nn.Module:
         return copy.deepcopy(self.model).eval().requires_grad_(False)
 
+    def _data_parallel(self):
+        """DDP around the plain feature forward (`_model_features`), whose all-reduce overlaps the backward;
+        None where gradients are instead averaged by one flat all-reduce after the backward: one process,
+        FSDP (which reduces its own), --compile, and the fusion objectives (they hand the whole model to
+        the loss, outside the forward). The temperature, bias and objective heads are averaged by the flat
+        all-reduce in every case (`flat_reduced`): the loss uses them outside the forward too."""
+        self.flat_reduced = self.params
+        if not self.dist.enabled or self.fsdp or self.cfg.compile or "fusion" in self.needs or _FLAT_REDUCE:
+            return None
+        from xmodal.models.build import EXTRA_HEADS
+
+        named = dict(self.model.named_parameters())
+        side = [n for n in named if n in ("logit_scale", "logit_bias") or n.split(".")[0] in EXTRA_HEADS]
+        self.flat_reduced = [named[n] for n in side if named[n].requires_grad]
+        return D.data_parallel(self.model, self._model_features, side, self.device)
+
     # -- one step ----------------------------------------------------------------------------
     def _kernels(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
@@ -355,31 +373,35 @@ class Trainer:
             if self.towers is not None:
                 img, txt, scale, bias, *cap = self.towers(pixels, tokens)
                 return (img.float(), txt.float(), scale, bias, *({"caption": c} for c in cap))
-            if self.caption_opts is not None:  # CoCa: contrastive features and the decoder in one pass
-                from xmodal.models.captioner import caption_forward
+            return (self._model_features if self.ddp is None else self.ddp)(pixels, tokens)
 
-                img, txt, out = caption_forward(self.model, pixels, tokens, *self.caption_opts)
-                return img, txt, self.model.logit_scale.exp(), self.model.logit_bias, {"caption": out}
-            if "fusion" in self.needs:  # one pass per tower gives pooled features and hidden states
-                from xmodal.models.fusion import encode_hidden, tokens_from_hidden
+    def _model_features(self, pixels: torch.Tensor, tokens: torch.Tensor):
+        """`_forward_features` of the replicated model (under `_kernels`, on normalised pixels)."""
+        if self.caption_opts is not None:  # CoCa: contrastive features and the decoder in one pass
+            from xmodal.models.captioner import caption_forward
 
-                h = encode_hidden(self.model, pixels, tokens)
-                toks = tokens_from_hidden(self.model, h) if "tokens" in self.needs else {}
-                img, txt = (F.normalize(v.float(), dim=-1) for v in (h.image, h.text))
-                return img, txt, self.model.logit_scale.exp(), self.model.logit_bias, {**toks, "hidden": h}
-            if "tokens" in self.needs:
-                from xmodal.models.tokens import encode_with_tokens
+            img, txt, out = caption_forward(self.model, pixels, tokens, *self.caption_opts)
+            return img, txt, self.model.logit_scale.exp(), self.model.logit_bias, {"caption": out}
+        if "fusion" in self.needs:  # one pass per tower gives pooled features and hidden states
+            from xmodal.models.fusion import encode_hidden, tokens_from_hidden
 
-                img, txt, img_tok, txt_tok, mask = encode_with_tokens(self.model, pixels, tokens)
-                toks = {"image_tokens": img_tok, "text_tokens": txt_tok, "text_mask": mask}
-                return img.float(), txt.float(), self.model.logit_scale.exp(), self.model.logit_bias, toks
-            img = self.model.encode_image(pixels, normalize=True)
-            # trimming padding is data-dependent, which torch.compile would trace as a graph break
-            txt = (
-                self.model.encode_text(tokens, normalize=True)
-                if self.cfg.compile
-                else encode_text(self.model, tokens, normalize=True)
-            )
+            h = encode_hidden(self.model, pixels, tokens)
+            toks = tokens_from_hidden(self.model, h) if "tokens" in self.needs else {}
+            img, txt = (F.normalize(v.float(), dim=-1) for v in (h.image, h.text))
+            return img, txt, self.model.logit_scale.exp(), self.model.logit_bias, {**toks, "hidden": h}
+        if "tokens" in self.needs:
+            from xmodal.models.tokens import encode_with_tokens
+
+            img, txt, img_tok, txt_tok, mask = encode_with_tokens(self.model, pixels, tokens)
+            toks = {"image_tokens": img_tok, "text_tokens": txt_tok, "text_mask": mask}
+            return img.float(), txt.float(), self.model.logit_scale.exp(), self.model.logit_bias, toks
+        img = self.model.encode_image(pixels, normalize=True)
+        # trimming padding is data-dependent, which torch.compile would trace as a graph break
+        txt = (
+            self.model.encode_text(tokens, normalize=True)
+            if self.cfg.compile
+            else encode_text(self.model, tokens, normalize=True)
+        )
         return img.float(), txt.float(), self.model.logit_scale.exp(), self.model.logit_bias
 
     @torch.no_grad()
@@ -510,6 +532,7 @@ class Trainer:
             [(t,) for t in tok_chunks],
             loss_of,
             scale_loss,
+            contextlib.nullcontext if self.ddp is None else self.ddp.no_sync,
         )
         return loss, scale, terms
 
@@ -519,8 +542,8 @@ class Trainer:
         """One optimiser step; returns (loss, temperature, each objective term), averaged over ranks."""
         self.optimizer.zero_grad(set_to_none=True)
         loss, scale, terms = self.backward(step, images, tokens, labels)
-        if not self.fsdp:  # FSDP reduce-scatters (and averages) gradients itself
-            D.all_reduce_mean_grads(self.params, self.dist.world_size)
+        if not self.fsdp:  # FSDP reduce-scatters (and averages) gradients itself; DDP did its share
+            D.all_reduce_mean_grads(self.flat_reduced, self.dist.world_size)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the true gradient, not the scaled one
         if self.cfg.grad_clip > 0:
