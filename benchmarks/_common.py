@@ -495,6 +495,12 @@ def matmul_peak(n: int = 2048, reps: int = 10, bf16_reps: int | None = None) -> 
     return out
 
 
+def peak_at(dtype: str) -> float:
+    """The measured matmul peak (FLOP/s) at the dtype a trainer runs: "bf16" or "fp32"."""
+    peaks = matmul_peak(bf16_reps=None if dtype == "bf16" else 2)
+    return peaks["bfloat16" if dtype == "bf16" else "float32"]
+
+
 # -- a trained model for the benchmarks that need real embeddings -----------------------------------------
 
 

@@ -40,6 +40,7 @@ import json
 import os
 import random
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -97,6 +98,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="add a third side: xmodal run with the math SDPA kernel set process-wide "
         "(benchmarks/_xmodal_sdpa_math.py); the trainer itself uses it on CPUs since commit 5c6d3f6",
+    )
+    p.add_argument(
+        "--xm-variant",
+        action="append",
+        default=[],
+        metavar="FLAGS",
+        help='an extra xmodal side at equal steps with these train flags, e.g. "--patch-dropout 0.5" '
+        "(repeatable)",
     )
     p.add_argument(
         "--profile", action="store_true", help="also profile xmodal's training step (torch.profiler)"
@@ -183,7 +192,9 @@ def warm_page_cache(csv: Path) -> tuple[int, int]:
 # -- the two trainers ----------------------------------------------------------------------------------
 
 
-def xmodal_cmd(a, csv: Path, out: Path, cache: Path, seed: int, math: bool = False) -> list[str]:
+def xmodal_cmd(
+    a, csv: Path, out: Path, cache: Path, seed: int, math: bool = False, extra: str = ""
+) -> list[str]:
     """`xmodal train` with the same recipe as the open_clip side (flags as `xmodal train --help` has them)."""
     entry = [str(HERE / "_xmodal_sdpa_math.py")] if math else ["-m", "xmodal"]
     return [
@@ -221,15 +232,16 @@ def xmodal_cmd(a, csv: Path, out: Path, cache: Path, seed: int, math: bool = Fal
         str(cache),
         "--seed",
         str(seed),
+        *shlex.split(extra),
     ]
 
 
-def run_xmodal(a, csv: Path, out: Path, cache: Path, seed: int, math: bool = False) -> dict:
+def run_xmodal(a, csv: Path, out: Path, cache: Path, seed: int, math: bool = False, extra: str = "") -> dict:
     """One `xmodal train` process from a cold start: `cache` is emptied first, so its wall time includes
     decoding the training images into the cache and tokenising the captions."""
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(cache, ignore_errors=True)
-    cmd = xmodal_cmd(a, csv, out, cache, seed, math)
+    cmd = xmodal_cmd(a, csv, out, cache, seed, math, extra)
     log = out.parent / f"{out.name}.log"
     r = C.run_measured(cmd, log, env=C.xmodal_env())
     shutil.rmtree(cache, ignore_errors=True)
@@ -371,6 +383,45 @@ def step_flops(batch: int, bf16: bool) -> float:
         loss = clip_loss(img.float(), txt.float(), model.logit_scale.exp())
         loss.backward()
     return float(fc.get_total_flops())
+
+
+def floor_table(a, csv: Path, cache: Path, dtype: str, walls: dict[str, float]) -> str:
+    """The nearest floor of the whole command on this CPU: the model's FLOPs at the measured matmul peak,
+    plus what no trainer avoids (importing torch and open_clip; decoding the training images, on every
+    core), against each side's median end-to-end wall."""
+    import subprocess
+
+    from profile_train import step_flops as trainer_step_flops  # text trimmed, as xmodal trains
+
+    from xmodal.data import load_dataset
+    from xmodal.data.dataset import AUTO_WORKERS
+
+    flops = trainer_step_flops(csv, cache, csv.parent / "flops-run", MODEL, a.batch_size, a.xm_precision)
+    peak = C.peak_at(dtype)
+    compute = a.steps * flops / peak
+    imports = []
+    for _ in range(3):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import torch, open_clip"], check=True)
+        imports.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    load_dataset(csv, 64, use_cache=False, workers=AUTO_WORKERS, progress=False)
+    decode = time.perf_counter() - t
+    floor = compute + min(imports) + decode
+    rows = [
+        (
+            f"model FLOPs at the measured {dtype} matmul peak ({a.steps} × {flops / 1e9:.1f} GFLOP / "
+            f"{peak / 1e9:.0f} GFLOP/s)",
+            compute,
+            "",
+        ),
+        ("importing torch and open_clip (fresh process, best of 3)", min(imports), ""),
+        ("decoding the training images (every core)", decode, ""),
+        ("**floor**", floor, "1.00"),
+    ] + [(f"{label}: end to end (median run)", wall, f"{wall / floor:.2f}") for label, wall in walls.items()]
+    return "Nearest floor of the whole command on this CPU:\n\n" + C.table(
+        ["part", "seconds", "× floor"], rows
+    )
 
 
 # -- profile of xmodal's step ---------------------------------------------------------------------------
@@ -773,8 +824,10 @@ def compare_dataset(a, ds: str, d: Path, bench: Path, cache: Path) -> tuple[str,
         "math": "what-if: xmodal + SDPA math kernel process-wide",
         "amp": f"open_clip --precision amp (fp16), {workers} worker(s)",
     }
+    variants = {f"variant{i}": flags for i, flags in enumerate(a.xm_variant)}
+    labels.update({k: f"xmodal `{flags}` ({xm_dtype})" for k, flags in variants.items()})
     results: dict[str, list[dict]] = {k: [] for k in labels}
-    sides = ["xmodal", "open_clip"] + (["math"] if a.what_if_math else [])
+    sides = ["xmodal", "open_clip"] + (["math"] if a.what_if_math else []) + list(variants)
     for rep in range(a.repeats):
         for side in sides:
             print(f"   repeat {rep + 1}: {labels[side]} …", flush=True)
@@ -783,9 +836,15 @@ def compare_dataset(a, ds: str, d: Path, bench: Path, cache: Path) -> tuple[str,
                     a, csv, bench / "oclogs", f"oc-{ds}-{rep}", oc_prec, rep, a.warmup, workers
                 )
             else:
-                out = bench / f"xm-{ds}-{rep}{'-math' if side == 'math' else ''}"
+                out = bench / f"xm-{ds}-{rep}-{side}"
                 res = run_xmodal(
-                    a, csv, out, bench / f"cold-cache-{ds}-{rep}-{side}", seed=rep, math=side == "math"
+                    a,
+                    csv,
+                    out,
+                    bench / f"cold-cache-{ds}-{rep}-{side}",
+                    rep,
+                    side == "math",
+                    variants.get(side, ""),
                 )
             res["eval"] = evaluate_ckpt(res["ckpt"], test, "open_clip" if side == "open_clip" else "xmodal")
             res["sps"] = steady(res["step_s"], a.skip, a.batch_size)
@@ -900,6 +959,23 @@ def compare_dataset(a, ds: str, d: Path, bench: Path, cache: Path) -> tuple[str,
                 ", ".join(f"{r:.2f}" for r in per),
             )
         )
+    for key in variants:
+        runs = results[key]
+        per = [o["run"].wall_s / v["run"].wall_s for v, o in zip(runs, oc, strict=True)]
+        ratio_rows.append(
+            (
+                f"**end to end**: open_clip wall / {labels[key]} wall (median of per-repeat ratios)",
+                C.median(per),
+                ", ".join(f"{r:.2f}" for r in per),
+            )
+        )
+        ratio_rows.append(
+            (
+                f"t2i R@10 {labels[key]} − open_clip (medians)",
+                med[key]["R@10"] - med["open_clip"]["R@10"],
+                "",
+            )
+        )
     if results["amp"]:
         ratio_rows.append(
             (
@@ -926,7 +1002,9 @@ def compare_dataset(a, ds: str, d: Path, bench: Path, cache: Path) -> tuple[str,
         "sps": {labels[k]: v["best"] for k, v in med.items()},
         "dtype": {
             labels[k]: (
-                xm_dtype if k in ("xmodal", "math") else _oc_dtype(oc_prec if k == "open_clip" else "amp")
+                xm_dtype
+                if k in ("xmodal", "math") or k in variants
+                else _oc_dtype(oc_prec if k == "open_clip" else "amp")
             )
             for k in med
         },
@@ -956,6 +1034,8 @@ def compare_dataset(a, ds: str, d: Path, bench: Path, cache: Path) -> tuple[str,
         + C.table(headers, rows)
         + "\n\n"
         + C.table(["ratio (xmodal faster when > 1)", "value", "per repeat"], ratio_rows)
+        + "\n\n"
+        + floor_table(a, csv, cache, xm_dtype, {labels[k]: med[k]["wall"] for k in ("xmodal", "open_clip")})
     )
     return block, summary
 

@@ -74,8 +74,10 @@ def test_whole_script_tiny(tmp_path):
         [
             "--steps", "4", "--repeats", "1", "--calib-steps", "3", "--batch-size", "16",
             "--shapes-images", "200", "--work-dir", str(tmp_path / "work"), "--record-to", str(out),
+            "--xm-variant", "--patch-dropout 0.5",
         ]
     )  # fmt: skip
     text = out.read_text(encoding="utf-8")
     assert "<!-- results:train_vs_open_clip -->" in text and "native bf16:" in text
     assert "**end to end**" in text and "**per step**" in text and "calibration runs" in text
+    assert "open_clip wall / xmodal `--patch-dropout 0.5`" in text and "**floor**" in text

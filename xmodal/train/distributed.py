@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -93,6 +94,8 @@ def data_parallel(
         if "forward_sync_buffers" in inspect.signature(DDP).parameters
         else {"broadcast_buffers": False}
     )
+    # its note when a step left nothing unused (the usual case) is noise in every rank's log
+    warnings.filterwarnings("ignore", message=".*find_unused_parameters=True was specified.*")
     return DDP(
         module,
         device_ids=[device.index] if device.type == "cuda" else None,

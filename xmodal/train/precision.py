@@ -15,8 +15,8 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         if device.type != "cuda":
             raise UserError("--precision fp16 is for CUDA only; on a CPU use bf16 (or auto)")
         return torch.float16
-    bf16_ok = (
-        torch.cuda.is_bf16_supported()
+    bf16_ok = (  # native only: emulated bf16 (a V100, a CPU without AVX-512 BF16/AMX) is slower than fp32
+        torch.cuda.is_bf16_supported(including_emulation=False)
         if device.type == "cuda"
         else bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     )

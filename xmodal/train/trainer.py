@@ -19,6 +19,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from xmodal.data import ImageTextData, load_dataset
 from xmodal.data.augment import AugmentConfig, augment_images
+from xmodal.data.dataset import AUTO_WORKERS
 from xmodal.errors import UserError
 from xmodal.models import Encoder, ModelSpec, build_model, build_tokenizer, resolve_model_config
 from xmodal.models.encoder import pick_device
@@ -53,6 +54,8 @@ class Trainer:
         self.dist = D.init_distributed(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
             self.device = torch.device("cuda", self.dist.local_rank)
+        if self.device.type == "cuda":  # TF32 matmuls for what stays fp32 (as open_clip's trainer sets)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.run_dir = Path(cfg.out)
         self.ckpt_dir = self.run_dir / "checkpoints"
         latest = self.ckpt_dir / "latest.pt"
@@ -109,6 +112,13 @@ class Trainer:
             from xmodal.models.fusion import FUSION_DEFAULTS
 
             self.model_cfg.setdefault("fusion", dict(FUSION_DEFAULTS))  # a model JSON may size it
+        if cfg.tome:  # ToMe (Bolya et al. 2023) without proportional attention, as its authors train it
+            clash = sorted(self.needs & {"tokens", "fusion", "caption"})
+            if clash:
+                raise UserError(
+                    f"--tome {cfg.tome}: not with {', '.join(clash)} yet (they read every image token)"
+                )
+            self.model_cfg.setdefault("tome", {"r": cfg.tome, "prop_attn": False})
         self.caption_opts = self._caption_opts(cfg) if "caption" in self.needs else None
         if self.caption_opts and self.caption_opts[1]:
             from xmodal.models.captioner import TGMIM_DEFAULTS
@@ -200,8 +210,8 @@ class Trainer:
         self._eval_copy: Encoder | None = None
         self.ddp = self._data_parallel()
         self._features = self._forward_features
-        if cfg.compile:
-            self._features = torch.compile(self._forward_features)
+        if cfg.compile:  # the towers only: dynamo cannot trace the autocast inside `_kernels`' ExitStack
+            self._model_features = torch.compile(self._model_features)
 
     # -- data --------------------------------------------------------------------------------
     def _load(self, source: str) -> ImageTextData:
@@ -212,6 +222,7 @@ class Trainer:
             image_key=self.cfg.image_key,
             caption_key=self.cfg.caption_key,
             label_key=self.cfg.label_key,
+            workers=AUTO_WORKERS,  # a cache miss is decoded on every core
             progress=self.dist.is_main,
         )
 
@@ -294,6 +305,7 @@ class Trainer:
             image_key=c.image_key,
             caption_key=c.caption_key,
             label_key=c.label_key,
+            workers=AUTO_WORKERS,
             progress=self.dist.is_main,
         )
 
@@ -595,7 +607,9 @@ class Trainer:
                     "or captions); resume with the run's --replay data, or add --resume-override"
                 )
         with phase("batcher"):
-            batcher = self.batcher = Batcher(data, self.tokenizer, cfg, self.dist, replay=replay)
+            batcher = self.batcher = Batcher(
+                data, self.tokenizer, cfg, self.dist, replay=replay, device=self.device
+            )
         with phase("teacher"):
             teacher_info = self._teacher_cache(data) if self.distill_teacher is not None else None
         total = cfg.steps or max(1, int(cfg.epochs * batcher.steps_per_epoch))
