@@ -477,13 +477,18 @@ def xmodal_env() -> dict:
 # -- compute peak --------------------------------------------------------------------------------------
 
 
-def matmul_peak(n: int = 2048, reps: int = 10, bf16_reps: int | None = None) -> dict[str, float]:
+def matmul_peak(
+    n: int = 2048,
+    reps: int = 10,
+    bf16_reps: int | None = None,
+    dtypes: tuple[str, ...] = ("float32", "bfloat16"),
+) -> dict[str, float]:
     """Best-of-`reps` FLOP/s of an n×n @ n×n matmul in fp32 and bf16 on this CPU (all torch threads).
     `bf16_reps`: fewer bf16 repeats where bf16 is emulated (slow, and only shown for contrast)."""
     import torch
 
     out = {}
-    for dt in (torch.float32, torch.bfloat16):
+    for dt in (getattr(torch, d) for d in dtypes):
         a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
         torch.matmul(a, b)
         best = float("inf")
@@ -497,8 +502,8 @@ def matmul_peak(n: int = 2048, reps: int = 10, bf16_reps: int | None = None) -> 
 
 def peak_at(dtype: str) -> float:
     """The measured matmul peak (FLOP/s) at the dtype a trainer runs: "bf16" or "fp32"."""
-    peaks = matmul_peak(bf16_reps=None if dtype == "bf16" else 2)
-    return peaks["bfloat16" if dtype == "bf16" else "float32"]
+    name = "bfloat16" if dtype == "bf16" else "float32"
+    return matmul_peak(dtypes=(name,))[name]
 
 
 # -- a trained model for the benchmarks that need real embeddings -----------------------------------------

@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from profile_train import step_flops_of  # noqa: E402
 
 VARIANTS = {
     "default": {},
@@ -98,8 +99,6 @@ def main(argv: list[str] | None = None) -> None:
                 step += 1
         torch.set_num_threads(cores)
         print(f"  round {r + 1}/{a.rounds}", flush=True)
-    from profile_train import step_flops_of
-
     flops = step_flops_of(trainers["default"]) if "default" in trainers else None
     dtype = C.xmodal_precision("auto")
     peak = C.peak_at(dtype)

@@ -48,6 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
+from profile_train import step_flops as trainer_step_flops  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 MODEL = "xm-tiny"
@@ -391,12 +392,12 @@ def floor_table(a, csv: Path, cache: Path, dtype: str, walls: dict[str, float]) 
     core), against each side's median end-to-end wall."""
     import subprocess
 
-    from profile_train import step_flops as trainer_step_flops  # text trimmed, as xmodal trains
-
     from xmodal.data import load_dataset
     from xmodal.data.dataset import AUTO_WORKERS
 
-    flops = trainer_step_flops(csv, cache, csv.parent / "flops-run", MODEL, a.batch_size, a.xm_precision)
+    flops = trainer_step_flops(
+        csv, cache, csv.parent / "flops-run", MODEL, a.batch_size, a.xm_precision
+    )  # trimmed
     peak = C.peak_at(dtype)
     compute = a.steps * flops / peak
     imports = []
