@@ -6,9 +6,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_step_variants_quick_records_every_variant(tmp_path, monkeypatch):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
