@@ -113,11 +113,7 @@ class Trainer:
 
             self.model_cfg.setdefault("fusion", dict(FUSION_DEFAULTS))  # a model JSON may size it
         if cfg.tome:  # ToMe (Bolya et al. 2023) without proportional attention, as its authors train it
-            clash = sorted(self.needs & {"tokens", "fusion", "caption"})
-            if clash:
-                raise UserError(
-                    f"--tome {cfg.tome}: not with {', '.join(clash)} yet (they read every image token)"
-                )
+            self._refuse_token_readers(f"--tome {cfg.tome}")
             self.model_cfg.setdefault("tome", {"r": cfg.tome, "prop_attn": False})
         self.caption_opts = self._caption_opts(cfg) if "caption" in self.needs else None
         if self.caption_opts and self.caption_opts[1]:
@@ -335,16 +331,23 @@ class Trainer:
                 f"e.g. {bad[0]}); give --model the run's own config"
             )
 
+    def _refuse_token_readers(self, flag: str, also: list[str] = ()) -> None:
+        """A flag that changes the image tokens (patch dropout, ToMe) refuses the objectives that read every
+        one of them, and `also` (e.g. --compile, which traces the tower once)."""
+        clash = sorted(self.needs & {"tokens", "fusion", "caption"}) + list(also)
+        if clash:
+            raise UserError(
+                f"{flag}: not with {', '.join(clash)} yet (they read every image token, or trace "
+                "the tower once); drop one of them"
+            )
+
     def _patch_dropout(self, cfg: TrainConfig):
         """FLIP's patch dropout in the live image tower (the frozen copies see every patch)."""
         from xmodal.models.patch_dropout import install_patch_dropout
 
-        clash = sorted(self.needs & {"tokens", "fusion", "caption"}) + (["--compile"] if cfg.compile else [])
-        if clash:
-            raise UserError(
-                f"--patch-dropout {cfg.patch_dropout}: not with {', '.join(clash)} yet (those read every "
-                "image token, or trace the tower once); drop one of them"
-            )
+        self._refuse_token_readers(
+            f"--patch-dropout {cfg.patch_dropout}", ["--compile"] if cfg.compile else []
+        )
         return install_patch_dropout(self.model, cfg.patch_dropout, cfg.seed, "--patch-dropout")
 
     def _frozen_copy(self) -> torch.nn.Module:
