@@ -1,7 +1,9 @@
 """What makes xmodal's training step faster on the CPU at hand (issue 15, point 2): variants of the same step,
 each a Trainer in this process on the same real batches, timed in interleaved rounds.
 
-- `default`: the trainer as it ships (`--precision auto`, the math attention kernel on CPUs, text trimmed);
+- `default`: the trainer as it ships (`--precision auto`, attention written out on CPUs, text trimmed);
+- `SDPA attention`: open_clip's nn.MultiheadAttention path instead (scaled_dot_product_attention's math
+  kernel, what the trainer ran before xmodal/models/attention.py);
 - `1 thread`: torch.set_num_threads(1) (the default uses every core);
 - `--compile`: torch.compile (inductor) of the feature forward; its compile seconds are the first steps'
   excess over its steady step, and the break-even is compile seconds / seconds saved per step;
@@ -29,6 +31,7 @@ from profile_train import step_flops_of  # noqa: E402
 
 VARIANTS = {
     "default": {},
+    "SDPA attention": {},
     "1 thread": {},
     "--compile": {"compile": True},
     "--patch-dropout 0.5": {"patch_dropout": 0.5},
@@ -69,6 +72,10 @@ def make_trainer(a, data: Path, name: str):
     trainer = Trainer(cfg)
     trainer.batcher = Batcher(trainer._load(cfg.data), trainer.tokenizer, cfg, trainer.dist)
     trainer._masked_until = 10**9  # what fit() sets: every step masks
+    if name == "SDPA attention":
+        from xmodal.models.attention import remove_explicit_attention
+
+        remove_explicit_attention(trainer.model)
     return trainer
 
 

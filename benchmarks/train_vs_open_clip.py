@@ -645,13 +645,18 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
         return m.encode_text(text, normalize=normalize)
 
     math_now = hasattr(loop_mod, "sdpa_kernel")  # the trainer already picks the math kernel on CPUs
+    explicit_now = any("attention" in vars(m) for m in model.modules())  # xmodal/models/attention.py
 
     def variant(kernel: str | None = None, trim: bool | None = None, fp32: bool = False):
         """kernel: None = as the trainer does, "math" = force the math SDPA kernel, "default" = PyTorch's own
-        choice (the fused flash kernel on CPU)."""
+        choice (the fused flash kernel on CPU); either of them through open_clip's nn.MultiheadAttention."""
 
         @contextlib.contextmanager
         def ctx():
+            if kernel is not None and explicit_now:
+                from xmodal.models.attention import remove_explicit_attention, use_explicit_attention
+
+                remove_explicit_attention(model)
             saved_fn = getattr(loop_mod, "encode_text", None)
             saved_kernel = getattr(loop_mod, "sdpa_kernel", None)
             if trim is True and not trims_now:
@@ -673,12 +678,20 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
                 if saved_kernel is not None:
                     loop_mod.sdpa_kernel = saved_kernel
                 tr.autocast_dtype = saved
+                if kernel is not None and explicit_now:
+                    use_explicit_attention(model)
 
         return ctx
 
     asis = (
         f"as is ({xm_dtype + ' autocast' if xm_dtype != 'fp32' else 'fp32'}, "
-        + ("math SDPA kernel" if math_now else "default SDPA kernel")
+        + (
+            "attention written out"
+            if explicit_now
+            else "math SDPA kernel"
+            if math_now
+            else "default SDPA kernel"
+        )
         + (", text trimmed)" if trims_now else ", full text)")
     )
     variants = {asis: variant()}
@@ -688,6 +701,10 @@ def profile_xmodal(a, csv: Path, cache: Path, run_dir: Path) -> str:
         variants["text not trimmed (full context, as open_clip)"] = variant(trim=False)
     elif can_trim:
         variants["text trimmed to the batch's longest caption"] = variant(trim=True)
+    if explicit_now:
+        variants["nn.MultiheadAttention, SDPA math kernel (before xmodal/models/attention.py)"] = variant(
+            kernel="math"
+        )
     if math_now:
         variants["default SDPA kernel (fused flash attention on CPU, as open_clip)"] = variant(
             kernel="default"

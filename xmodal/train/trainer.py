@@ -22,6 +22,7 @@ from xmodal.data.augment import AugmentConfig, augment_images
 from xmodal.data.dataset import AUTO_WORKERS
 from xmodal.errors import UserError
 from xmodal.models import Encoder, ModelSpec, build_model, build_tokenizer, resolve_model_config
+from xmodal.models.attention import use_explicit_attention
 from xmodal.models.encoder import pick_device
 from xmodal.models.text import encode_text
 from xmodal.objectives import Composite
@@ -146,6 +147,8 @@ class Trainer:
         # train mode throughout: Hugging Face towers come out of from_pretrained in eval mode, which left
         # their dropout off until the first validation switched it on
         self.model.to(self.device).train()
+        if self.device.type == "cpu":  # same formula, ~1.3× faster steps on CPUs (xmodal/models/attention.py)
+            use_explicit_attention(self.model)
         # (resuming too when a frozen teacher is the initial model: it must be the --init-from run's weights,
         # e.g. the previous model of `modx`; the resumed weights replace the live model's just below)
         if cfg.init_from and (
