@@ -163,6 +163,24 @@ def benchmarks_md() -> Path:
     return Path(os.environ.get("XMODAL_BENCHMARKS_MD") or BENCHMARKS_MD)
 
 
+def add_training_run_args(p, *, steps: int, batch_size: int, min_skip: int, runs_dir: str) -> None:
+    """The flags every trainer-against-trainer benchmark shares: steps, batch, lr, the warm-up steps left
+    out of the rates, where the runs go and whether they are kept."""
+    p.add_argument("--steps", type=int, default=steps, help="optimiser steps per training run")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument(
+        "--skip",
+        type=int,
+        default=None,
+        help=f"warm-up steps left out of the rates (default: steps/10, ≥{min_skip})",
+    )
+    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK)
+    p.add_argument(
+        "--keep", action="store_true", help=f"keep the runs, checkpoints and logs (WORK/{runs_dir}/run-PID)"
+    )
+
+
 def add_record_args(p) -> None:
     """--no-write (alias --no-record): print the block only; --record-to FILE: append to FILE instead."""
     p.add_argument(

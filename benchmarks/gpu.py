@@ -64,10 +64,7 @@ OC_STEP = re.compile(
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=MODELS, help="comma list of model configs (xmodal's or open_clip's)")
-    p.add_argument("--steps", type=int, default=200, help="optimiser steps per run")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--skip", type=int, default=None, help="warm-up steps left out (default: steps/10, ≥5)")
-    p.add_argument("--lr", type=float, default=5e-4)
+    C.add_training_run_args(p, steps=200, batch_size=256, min_skip=5, runs_dir="gpu")
     p.add_argument("--images", type=int, default=5000, help="training images of the shapes data set")
     p.add_argument(
         "--oc-workers",
@@ -78,8 +75,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="torch.compile on both sides")
     p.add_argument("--compile-both", action="store_true", help="each side with and without torch.compile")
     p.add_argument("--timeout", type=float, default=900, help="seconds one training run may take")
-    p.add_argument("--work-dir", type=Path, default=C.DEFAULT_WORK)
-    p.add_argument("--keep", action="store_true", help="keep the runs and logs (WORK/gpu/run-PID)")
     p.add_argument(
         "--dry-run",
         action="store_true",

@@ -67,13 +67,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--datasets", default="shapes", help="comma list of shapes, emoji")
     p.add_argument("--shapes-images", type=int, default=5000, help="training images of the shapes data set")
-    p.add_argument("--steps", type=int, default=300, help="optimiser steps per training run")
+    C.add_training_run_args(p, steps=300, batch_size=128, min_skip=2, runs_dir="train_vs_open_clip")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats of each side")
     p.add_argument(
         "--amp-steps", type=int, default=0, help="steps of an open_clip --precision amp run (0 = skip)"
     )
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: steps/10)")
     p.add_argument("--xm-precision", choices=XM_PRECISIONS, default="auto", help="xmodal train --precision")
     p.add_argument(
@@ -91,9 +89,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--calib-steps", type=int, default=30, help="steps of each open_clip worker-count calibration run"
     )
     p.add_argument("--no-aug", action="store_true", help="no random resized crop in either trainer")
-    p.add_argument(
-        "--skip", type=int, default=None, help="warm-up steps left out of samples/s (default: steps/10, ≥2)"
-    )
     p.add_argument(
         "--what-if-math",
         action="store_true",
@@ -114,12 +109,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=6)
     p.add_argument(
         "--profile-only", action="store_true", help="only the profile of xmodal's step (no comparison)"
-    )
-    p.add_argument("--work-dir", type=Path, default=C.DEFAULT_WORK)
-    p.add_argument(
-        "--keep",
-        action="store_true",
-        help="keep the runs, checkpoints and logs (WORK/train_vs_open_clip/run-PID)",
     )
     C.add_record_args(p)
     a = p.parse_args(argv)

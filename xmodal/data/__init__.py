@@ -3,8 +3,7 @@
 The names below load on first use (PEP 562), so `import xmodal.data` (the CLI's help, the index layer)
 does not import torch until a dataset is actually read."""
 
-import importlib
-from typing import Any
+from xmodal.lazy import lazy_exports
 
 _EXPORTS = {
     "DataStats": "records",
@@ -20,8 +19,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"xmodal.data.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'xmodal.data' has no attribute {name!r}")
+__getattr__ = lazy_exports("xmodal.data", _EXPORTS)

@@ -3,8 +3,7 @@ with JSON + self-contained HTML reports. Metric definitions: docs/eval.md.
 
 The names below load on first use (PEP 562): `xmodal eval --help` imports no torch."""
 
-import importlib
-from typing import Any
+from xmodal.lazy import lazy_exports
 
 _EXPORTS = {
     "DEFAULT_TASKS": "suite",
@@ -19,8 +18,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(f"xmodal.eval.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module 'xmodal.eval' has no attribute {name!r}")
+__getattr__ = lazy_exports("xmodal.eval", _EXPORTS)
