@@ -4,8 +4,6 @@ each a Trainer in this process on the same real batches, timed in interleaved ro
 - `default`: the trainer as it ships (`--precision auto`, attention written out on CPUs, text trimmed);
 - `SDPA attention`: open_clip's nn.MultiheadAttention path instead (scaled_dot_product_attention's math
   kernel, what the trainer ran before xmodal/models/attention.py);
-- `glibc malloc defaults`: the trainer's malloc settings undone for this variant's steps (its freed
-  buffers go back to the kernel and are page-faulted in again: xmodal/train/allocator.py);
 - `1 thread`: torch.set_num_threads(1) (the default uses every core);
 - `--compile`: torch.compile (inductor) of the feature forward; its compile seconds are the first steps'
   excess over its steady step, and the break-even is compile seconds / seconds saved per step;
@@ -34,7 +32,6 @@ from profile_train import step_flops_of  # noqa: E402
 VARIANTS = {
     "default": {},
     "SDPA attention": {},
-    "glibc malloc defaults": {},
     "1 thread": {},
     "--compile": {"compile": True},
     "--patch-dropout 0.5": {"patch_dropout": 0.5},
@@ -85,8 +82,6 @@ def make_trainer(a, data: Path, name: str):
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from xmodal.train.allocator import glibc_default_thresholds, keep_freed_memory
-
     a = parse_args(argv)
     started = time.time()
     data = C.ensure_shapes(C.DEFAULT_WORK) / "train.jsonl"
@@ -103,15 +98,12 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(a.rounds):
         for name, trainer in trainers.items():
             torch.set_num_threads(1 if name == "1 thread" else cores)
-            if name == "glibc malloc defaults":
-                glibc_default_thresholds()
             for _ in range(a.steps):
                 batch = trainer.batcher.get(step)
                 t0 = time.perf_counter()
                 trainer.train_step(step, *batch)
                 steady[name].append(time.perf_counter() - t0)
                 step += 1
-            keep_freed_memory()
         torch.set_num_threads(cores)
         print(f"  round {r + 1}/{a.rounds}", flush=True)
     flops = step_flops_of(trainers["default"]) if "default" in trainers else None

@@ -19,7 +19,7 @@ def test_step_variants_quick_records_every_variant(tmp_path, monkeypatch):
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     out = tmp_path / "B.md"
-    variants = "default,SDPA attention,glibc malloc defaults,1 thread,--patch-dropout 0.5,--tome 8"
+    variants = "default,SDPA attention,1 thread,--patch-dropout 0.5,--tome 8"
     S.main(["--quick", "--model", "xm-micro", "--variants", variants, "--work", str(tmp_path / "w"),
             "--record-to", str(out)])  # fmt: skip
     text = out.read_text(encoding="utf-8")

@@ -3,8 +3,9 @@
 Every step frees and allocates again the same large buffers (the token embedding's dense 25 MB gradient
 of xm-tiny, the activations). glibc serves a block above its mmap threshold with a fresh mmap and trims
 freed memory at the top of the heap, so each step page-faults those buffers in again (zero-filled by the
-kernel) and unmaps them after. Serving them from the heap and not trimming it made xm-tiny's 100 training
-steps 28 s instead of 30–32 s here (bf16, Zen 4), with the same loss to the last bit: only where the
+kernel) and unmaps them after. Serving them from the heap and not trimming it made 100 steps of
+`xmodal train` on xm-tiny take 27.8–27.9 s instead of 29.6–32.3 s (bf16, Zen 4; whole commands,
+`benchmarks/profile_train.py --before` measures it), with the same loss to the last bit: only where the
 memory comes from changes. The cost is that the process keeps its peak heap until it exits.
 """
 
@@ -36,8 +37,7 @@ def keep_freed_memory() -> bool:
 
 
 def glibc_default_thresholds() -> bool:
-    """glibc's initial thresholds again (128 KiB each; its dynamic adjustment stays off): the "before" of
-    benchmarks/step_variants.py's "glibc malloc defaults" row."""
+    """glibc's initial thresholds again (128 KiB each; its dynamic adjustment stays off), for comparisons."""
     mallopt = _mallopt()
     return (
         mallopt is not None
