@@ -3,10 +3,10 @@
 Every step frees and allocates again the same large buffers (the token embedding's dense 25 MB gradient
 of xm-tiny, the activations). glibc serves a block above its mmap threshold with a fresh mmap and trims
 freed memory at the top of the heap, so each step page-faults those buffers in again (zero-filled by the
-kernel) and unmaps them after. Serving them from the heap and not trimming it made 100 steps of
-`xmodal train` on xm-tiny take 27.8–27.9 s instead of 29.6–32.3 s (bf16, Zen 4; whole commands,
-`benchmarks/profile_train.py --before` measures it), with the same loss to the last bit: only where the
-memory comes from changes. The cost is that the process keeps its peak heap until it exits.
+kernel) and unmaps them after. Serving them from the heap and not trimming it made xm-tiny's 300 warm
+steps of `xmodal train` take 68.4 s instead of 87.5 s (bf16, Zen 4; `benchmarks/profile_train.py --before`,
+BENCHMARKS.md profile_train 2026-12-02 18:59), with the same loss to the last bit: only where the memory
+comes from changes. The cost is that the process keeps its peak heap until it exits.
 """
 
 from __future__ import annotations
