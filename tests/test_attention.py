@@ -3,7 +3,6 @@ open_clip's nn.MultiheadAttention path, forward and gradients; inference keeps o
 state dict does not change; whole training runs give the same loss curve to 1e-5 with and without it."""
 
 import copy
-import json
 import math
 
 import pytest
@@ -12,10 +11,8 @@ from open_clip.transformer import ResidualAttentionBlock, TextTransformer
 
 import xmodal.models.tome as tome
 import xmodal.train.trainer as trainer_module
-from tests.conftest import run_in_process
+from tests.test_train import micro_curve
 from xmodal.models.attention import attend, remove_explicit_attention, use_explicit_attention
-
-MICRO = ["--model", "xm-micro", "--precision", "fp32", "--no-progress", "--lr", "1e-3", "--warmup", "2"]
 
 
 def _loop_attention(
@@ -93,30 +90,12 @@ def test_inference_and_the_state_dict_keep_open_clips_path(monkeypatch):
     assert called == ["open_clip", "open_clip"]
 
 
-def _curve(run) -> list[float]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 @pytest.mark.parametrize("extra", [[], ["--tome", "2"]])
 def test_training_gives_the_loss_curve_of_open_clips_attention(tiny_manifest, tmp_path, monkeypatch, extra):
-    common = [
-        "train",
-        "--data",
-        tiny_manifest,
-        *MICRO,
-        "--batch-size",
-        "8",
-        "--steps",
-        "4",
-        "--log-every",
-        "1",
-    ]
-    run_in_process(*common, *extra, "--out", tmp_path / "explicit")
+    explicit = micro_curve(tiny_manifest, tmp_path / "explicit", *extra)
     sdpa = torch.nn.functional.scaled_dot_product_attention
     monkeypatch.setattr(trainer_module, "use_explicit_attention", lambda model: 0)
     monkeypatch.setattr(tome, "attend", lambda q, k, v, mask=None, dropout=0.0: sdpa(q, k, v, mask, dropout))
-    run_in_process(*common, *extra, "--out", tmp_path / "sdpa")
-    explicit, plain = _curve(tmp_path / "explicit"), _curve(tmp_path / "sdpa")
+    plain = micro_curve(tiny_manifest, tmp_path / "sdpa", *extra)
     assert len(explicit) == 4
     assert max(abs(a - b) for a, b in zip(explicit, plain, strict=True)) < 1e-5

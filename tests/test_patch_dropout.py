@@ -2,19 +2,16 @@
 place in the global batch (slices = the whole), whole runs equal under GradCache, the unmasked tuning steps
 and evaluation see every patch, bad flags are one-line errors."""
 
-import json
-
 import pytest
 import torch
 from open_clip.transformer import PatchDropout
 
 from tests.conftest import run_in_process
+from tests.test_train import MICRO, micro_curve
 from xmodal.models.patch_dropout import SeededPatchDropout, kept_patches
 from xmodal.train.batcher import stable_seed
 from xmodal.train.config import TrainConfig
 from xmodal.train.trainer import Trainer
-
-MICRO = ["--model", "xm-micro", "--precision", "fp32", "--no-progress", "--lr", "1e-3", "--warmup", "2"]
 
 
 def _tokens(b: int, n: int, d: int = 4) -> torch.Tensor:
@@ -100,28 +97,10 @@ def test_unmasked_tuning_steps_and_validation_see_every_patch(tiny_manifest, tmp
     assert "patch_dropout: 0.75" in saved and "unmasked_steps: 2" in saved
 
 
-def _curve(run) -> list[float]:
-    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if "loss" in r]
-
-
 def test_gradcache_micro_batches_drop_what_the_whole_batch_drops(tiny_manifest, tmp_path):
-    common = [
-        "train",
-        "--data",
-        tiny_manifest,
-        *MICRO,
-        "--batch-size",
-        "8",
-        "--steps",
-        "4",
-        "--log-every",
-        "1",
-    ]
-    run_in_process(*common, "--patch-dropout", "0.5", "--out", tmp_path / "whole")
-    run_in_process(*common, "--patch-dropout", "0.5", "--accum-steps", "2", "--out", tmp_path / "accum")
-    run_in_process(*common, "--out", tmp_path / "plain")
-    whole, accum, plain = (_curve(tmp_path / n) for n in ("whole", "accum", "plain"))
+    whole = micro_curve(tiny_manifest, tmp_path / "whole", "--patch-dropout", "0.5")
+    accum = micro_curve(tiny_manifest, tmp_path / "accum", "--patch-dropout", "0.5", "--accum-steps", "2")
+    plain = micro_curve(tiny_manifest, tmp_path / "plain")
     assert len(whole) == 4
     assert max(abs(a - b) for a, b in zip(whole, accum, strict=True)) < 1e-5
     assert max(abs(a - b) for a, b in zip(whole, plain, strict=True)) > 1e-3  # dropout changed the steps

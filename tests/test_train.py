@@ -24,6 +24,13 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+def micro_curve(manifest, out: Path, *flags) -> list[float]:
+    """Loss per step of 4 logged steps of xm-micro (fp32, batch 8) trained with `flags`, in this process."""
+    args = ["--batch-size", "8", "--steps", "4", "--log-every", "1", *flags, "--out", out]
+    run_in_process("train", "--data", manifest, *MICRO, *args)
+    return list(losses(out).values())
+
+
 def terms(run: Path) -> dict[int, dict[str, float]]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["losses"] for r in rows if "losses" in r}
