@@ -13,6 +13,7 @@ from xmodal.data.augment import (
     RANDAUGMENT_OPS,
     AugmentConfig,
     augment_images,
+    crop_boxes,
     draw_randaugment,
     drop_words,
     eda,
@@ -40,6 +41,34 @@ def test_identity_when_off_and_flip_mirrors():
     assert torch.equal(augment_images(x, AugmentConfig(), torch.Generator()), x)
     flipped = augment_images(x, AugmentConfig(flip=1.0), torch.Generator().manual_seed(0))
     assert torch.allclose(flipped, x.flip(-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [0.9, 0.08])
+@pytest.mark.parametrize(("height", "width"), [(1000, 1000), (600, 1000)])
+def test_crop_boxes_draw_as_torchvision_random_resized_crop(scale, height, width):
+    """Crop sizes and centres have the distribution of torchvision's RandomResizedCrop.get_params (two-sample
+    KS distance), fallback included: the clamping this replaced stretched most area >= 0.9 crops."""
+    from scipy.stats import ks_2samp
+    from torchvision.transforms import RandomResizedCrop
+
+    n = 6000
+    torch.manual_seed(0)
+    img = torch.empty(3, height, width)
+    ref = torch.tensor([RandomResizedCrop.get_params(img, (scale, 1.0), (3 / 4, 4 / 3)) for _ in range(n)])
+    top, left, h, w = ref.double().unbind(1)
+    sx, sy, tx, ty = crop_boxes(n, scale, height, width, torch.Generator().manual_seed(1))
+    assert (sx <= 1).all() and (sy <= 1).all() and (tx.abs() <= 1 - sx + 1e-6).all()
+    pairs = {
+        "width": (w / width, sx),
+        "height": (h / height, sy),
+        "x centre": ((left + w / 2) / width * 2 - 1, tx),
+        "y centre": ((top + h / 2) / height * 2 - 1, ty),
+    }
+    for name, (a, b) in pairs.items():
+        a, b = a.numpy().round(3), b.double().numpy().round(3)  # torchvision's crops are whole pixels
+        assert ks_2samp(a, b).statistic < 0.04, name
+    whole = ((w == width) & (h == height)).double().mean()  # mostly the fallback at area >= 0.9
+    assert abs(whole - ((sx > 1 - 1e-3) & (sy > 1 - 1e-3)).double().mean()) < 0.03
 
 
 def test_drop_words_keeps_at_least_one_word():

@@ -54,13 +54,7 @@ def augment_images(
     rows = slice(offset, offset + x.shape[0])
     x_in = x
     if cfg.crop_scale < 1.0 or cfg.flip > 0:
-        area = torch.empty(n).uniform_(cfg.crop_scale, 1.0, generator=gen)
-        log_r = torch.empty(n).uniform_(math.log(3 / 4), math.log(4 / 3), generator=gen)
-        ratio = log_r.exp() if cfg.crop_scale < 1.0 else torch.ones(n)  # flip alone: no crop
-        sx = (area * ratio).sqrt().clamp(max=1.0)  # crop width as a fraction of the image
-        sy = (area / ratio).sqrt().clamp(max=1.0)
-        tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx)
-        ty = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy)
+        sx, sy, tx, ty = crop_boxes(n, cfg.crop_scale, x.shape[-2], x.shape[-1], gen)
         flip = torch.where(torch.rand(n, generator=gen) < cfg.flip, -1.0, 1.0)
         theta = torch.zeros(n, 2, 3)
         theta[:, 0, 0] = sx * flip
@@ -86,6 +80,36 @@ def augment_images(
     if cfg.randaugment_n > 0:
         x = _randaugment(x if x is not x_in else x.clone(), cfg, gen, n, rows)
     return x
+
+
+def crop_boxes(
+    n: int, scale: float, height: int, width: int, gen: torch.Generator, tries: int = 10
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """torchvision's `RandomResizedCrop.get_params` (area in [scale, 1], aspect ratio in [3/4, 4/3]) for n
+    images at once, in continuous coordinates: (crop width, crop height) as fractions of the image and the
+    crop's centre in affine_grid's [-1, 1] units.
+
+    Like torchvision it draws up to `tries` (area, ratio) pairs and keeps the first crop that fits inside the
+    image, else takes the centre crop at the nearest allowed ratio (the whole image when its ratio is
+    allowed). Clamping a crop that does not fit instead would stretch the image by up to 4/3 one way.
+    """
+    if scale >= 1.0:  # flip alone: no crop
+        return torch.ones(n), torch.ones(n), torch.zeros(n), torch.zeros(n)
+    lo, hi = 3 / 4, 4 / 3
+    area = torch.empty(n, tries).uniform_(scale, 1.0, generator=gen)
+    ratio = torch.empty(n, tries).uniform_(math.log(lo), math.log(hi), generator=gen).exp()
+    sx = (area * ratio * height / width).sqrt()
+    sy = (area / ratio * width / height).sqrt()
+    fits = (sx <= 1) & (sy <= 1)
+    first = fits.to(torch.uint8).argmax(dim=1, keepdim=True)  # the first fitting try
+    found = fits.any(dim=1)
+    fall_w = min(1.0, hi * height / width)  # the centre crop: the image's ratio clamped to [lo, hi]
+    fall_h = min(1.0, width / (lo * height))
+    sx = torch.where(found, sx.gather(1, first).squeeze(1), fall_w)
+    sy = torch.where(found, sy.gather(1, first).squeeze(1), fall_h)
+    tx = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sx) * found
+    ty = (torch.rand(n, generator=gen) * 2 - 1) * (1 - sy) * found
+    return sx, sy, tx, ty
 
 
 # -- RandAugment ----------------------------------------------------------------------------------------
