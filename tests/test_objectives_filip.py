@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+import xmodal.models.text as text_module
 from xmodal.errors import UserError
 from xmodal.objectives import REGISTRY, Composite, Features
 from xmodal.objectives.late_interaction import filip_loss, keep_count, select_image_tokens
@@ -272,7 +273,12 @@ def _count_calls(module):
     return calls, module.register_forward_hook(lambda *a: calls.append(1))
 
 
-def test_encode_with_tokens_pooled_equal_the_plain_path_in_one_pass(tiny):
+def _every_row(monkeypatch):
+    """encode_text with its last block run for every row, as the token path runs it."""
+    monkeypatch.setattr(text_module, "can_pool_last", lambda transformer: False)
+
+
+def test_encode_with_tokens_pooled_equal_the_plain_path_in_one_pass(tiny, monkeypatch):
     model, pixels, tok = tiny
     model.eval()
     counters = [_count_calls(model.visual.transformer), _count_calls(model.transformer)]
@@ -281,6 +287,8 @@ def test_encode_with_tokens_pooled_equal_the_plain_path_in_one_pass(tiny):
     for _, h in counters:
         h.remove()
     assert torch.equal(img, model.encode_image(pixels, normalize=True))
+    assert torch.allclose(txt, encode_text(model, tok, normalize=True), atol=1e-6)  # its last block: one row
+    _every_row(monkeypatch)
     assert torch.equal(txt, encode_text(model, tok, normalize=True))
     assert model.visual.output_tokens is False  # restored
     n = int(tok.argmax(-1).max()) + 1  # trimmed to the longest caption
@@ -303,8 +311,9 @@ def test_encode_with_tokens_pooled_equal_the_plain_path_in_one_pass(tiny):
         assert torch.allclose(txt, F.normalize(y[torch.arange(4), end], dim=-1), atol=1e-5)
 
 
-def test_encode_with_tokens_under_bf16_autocast_returns_float32(tiny):
+def test_encode_with_tokens_under_bf16_autocast_returns_float32(tiny, monkeypatch):
     model, pixels, tok = tiny
+    _every_row(monkeypatch)
     model.train()
     ref = encode_with_tokens(model, pixels, tok)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from xmodal.errors import UserError
 from xmodal.models.encoder import Encoder, load_encoder
+from xmodal.models.pooled import encode_image
 from xmodal.models.text import encode_text
 
 
@@ -82,7 +83,7 @@ class Teacher:
             if x.shape[-1] != size:
                 x = F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False)
                 x = x.clamp_(0, 1)
-            img = self.encoder.model.encode_image(self.encoder.normalize_pixels(x.to(dev)))
+            img = encode_image(self.encoder.model, self.encoder.normalize_pixels(x.to(dev)))
         if self.text is not None:
             txt = self.text[captions].to(dev)
         else:

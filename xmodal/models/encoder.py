@@ -21,6 +21,7 @@ import yaml
 from xmodal.errors import UserError
 from xmodal.fsutil import load_torch_safe
 from xmodal.models.build import ModelSpec, build_model, build_tokenizer, resolve_model_config
+from xmodal.models.pooled import encode_image
 from xmodal.models.text import encode_text
 
 RANDOM_INIT_SEED = 0
@@ -78,7 +79,7 @@ class Encoder:
 
     def embed_pixels(self, x: torch.Tensor) -> torch.Tensor:
         """Differentiable: float pixels in [0, 1] on self.device → normalised features (for attacks)."""
-        return F.normalize(self.model.encode_image(self.normalize_pixels(x)).float(), dim=-1)
+        return F.normalize(encode_image(self.model, self.normalize_pixels(x)).float(), dim=-1)
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -96,7 +97,7 @@ class Encoder:
         for i in range(0, len(images), batch_size):
             x = images[i : i + batch_size].to(self.device, non_blocking=True).float().div_(255)
             with self._autocast():
-                f = self.model.encode_image(self.normalize_pixels(x))
+                f = encode_image(self.model, self.normalize_pixels(x))
             out.append(F.normalize(f.float(), dim=-1).cpu())
         self.model.train(was_training)
         return torch.cat(out) if out else torch.empty(0, self.dim)

@@ -3,8 +3,8 @@
 `encode_with_tokens(model, pixels, tokens)` returns
 
 * `image_pooled`, `text_pooled` (b×D): exactly `model.encode_image(pixels, normalize=True)` and
-  `xmodal.models.text.encode_text(model, tokens, normalize=True)` — the same operations, so the pooled
-  path gives the same numbers (and costs the same) whether or not an objective asks for tokens;
+  open_clip's `encode_text` on the trimmed tokens — the features the plain training path gives, to float
+  rounding (it runs the last block for the pooled row only, xmodal/models/pooled.py);
 * `image_tokens` (b×N×D): the ViT's patch tokens (the class token left out; fewer patches when patch
   dropout is on), after `ln_post`, projected by the same `visual.proj` as the pooled output;
 * `text_tokens` (b×L×D): the text tower's per-position outputs projected by the pooled output's

@@ -24,6 +24,7 @@ from xmodal.errors import UserError
 from xmodal.models import Encoder, ModelSpec, build_model, build_tokenizer, resolve_model_config
 from xmodal.models.attention import use_explicit_attention
 from xmodal.models.encoder import pick_device
+from xmodal.models.pooled import encode_image
 from xmodal.models.text import encode_text
 from xmodal.objectives import Composite
 from xmodal.train import distributed as D
@@ -415,7 +416,7 @@ class Trainer:
             img, txt, img_tok, txt_tok, mask = encode_with_tokens(self.model, pixels, tokens)
             toks = {"image_tokens": img_tok, "text_tokens": txt_tok, "text_mask": mask}
             return img.float(), txt.float(), self.model.logit_scale.exp(), self.model.logit_bias, toks
-        img = self.model.encode_image(pixels, normalize=True)
+        img = encode_image(self.model, pixels, normalize=True)  # the last block for the class token only
         # trimming padding is data-dependent, which torch.compile would trace as a graph break
         txt = (
             self.model.encode_text(tokens, normalize=True)
@@ -435,7 +436,7 @@ class Trainer:
 
                 h = encode_hidden(model, pixels, tokens)
                 return F.normalize(h.image.float(), dim=-1), F.normalize(h.text.float(), dim=-1), h
-            img = model.encode_image(pixels, normalize=True)
+            img = encode_image(model, pixels, normalize=True)
             txt = encode_text(model, tokens, normalize=True)
         return img.float(), txt.float(), None
 
