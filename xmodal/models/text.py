@@ -26,13 +26,14 @@ def encode_text(model: torch.nn.Module, text: torch.Tensor, normalize: bool = Fa
     """model.encode_text(text), skipping trailing positions no token of the batch reaches."""
     if not can_trim(model):
         return model.encode_text(text, normalize=normalize)
-    n = int(text.argmax(dim=-1).max().item()) + 1  # the end-of-text token has the highest id
+    end = text.argmax(dim=-1)  # the end-of-text token has the highest id
+    n = int(end.max().item()) + 1
     text = text[:, :n]
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(text).to(cast_dtype) + model.positional_embedding[:n].to(cast_dtype)
     mask = model.attn_mask[:n, :n]
     if can_pool_last(model.transformer):
-        x = model.ln_final(pooled_rows(model.transformer, x, text.argmax(dim=-1), mask))
+        x = model.ln_final(pooled_rows(model.transformer, x, end, mask))
     else:
         x = model.transformer(x, attn_mask=mask)
         x = model.ln_final(x)
