@@ -4,6 +4,8 @@ each a Trainer in this process on the same real batches, timed in interleaved ro
 - `default`: the trainer as it ships (`--precision auto`, attention written out on CPUs, text trimmed);
 - `SDPA attention`: open_clip's nn.MultiheadAttention path instead (scaled_dot_product_attention's math
   kernel, what the trainer ran before xmodal/models/attention.py);
+- `unpacked text`: the text tower on the trimmed padded batch, without packing each caption's own rows
+  (xmodal/models/text.py); it matters on data whose captions differ in length (`--dataset emoji`);
 - `1 thread`: torch.set_num_threads(1) (the default uses every core);
 - `--compile`: torch.compile (inductor) of the feature forward; its compile seconds are the first steps'
   excess over its steady step, and the break-even is compile seconds / seconds saved per step;
@@ -13,6 +15,7 @@ each a Trainer in this process on the same real batches, timed in interleaved ro
 Model FLOP/s of the default step against the measured matmul peak at the dtype used.
 
     python benchmarks/step_variants.py                 # xm-tiny, batch 128, shapes
+    python benchmarks/step_variants.py --dataset emoji --variants default,"unpacked text"
     python benchmarks/step_variants.py --quick --no-write
 """
 
@@ -32,6 +35,7 @@ from profile_train import step_flops_of  # noqa: E402
 VARIANTS = {
     "default": {},
     "SDPA attention": {},
+    "unpacked text": {},
     "1 thread": {},
     "--compile": {"compile": True},
     "--patch-dropout 0.5": {"patch_dropout": 0.5},
@@ -44,6 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="xm-tiny")
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--dataset", default="shapes", choices=["shapes", "emoji"])
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds of --steps timed steps each")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of: " + ", ".join(VARIANTS))
@@ -84,7 +89,10 @@ def main(argv: list[str] | None = None) -> None:
 
     a = parse_args(argv)
     started = time.time()
-    data = C.ensure_shapes(C.DEFAULT_WORK) / "train.jsonl"
+    dirs = C.dataset_dirs(C.DEFAULT_WORK, [a.dataset])
+    if a.dataset not in dirs:
+        raise SystemExit(f"--dataset {a.dataset}: its data could not be built here (see the line above)")
+    data = dirs[a.dataset] / "train.jsonl"
     cores = torch.get_num_threads()
     trainers, first, steady, step = {}, {}, {v: [] for v in a.variants}, 0
     for name in a.variants:  # build, then the first two steps (compilation happens here)
@@ -95,9 +103,13 @@ def main(argv: list[str] | None = None) -> None:
             step += 1
         first[name] = time.perf_counter() - t0
         print(f"  {name}: first 2 steps {first[name]:.1f} s", flush=True)
+    import xmodal.models.text as text_tower
+
+    pack_below = text_tower.PACK_BELOW
     for r in range(a.rounds):
         for name, trainer in trainers.items():
             torch.set_num_threads(1 if name == "1 thread" else cores)
+            text_tower.PACK_BELOW = 0.0 if name == "unpacked text" else pack_below
             for _ in range(a.steps):
                 batch = trainer.batcher.get(step)
                 t0 = time.perf_counter()
@@ -105,6 +117,7 @@ def main(argv: list[str] | None = None) -> None:
                 steady[name].append(time.perf_counter() - t0)
                 step += 1
         torch.set_num_threads(cores)
+        text_tower.PACK_BELOW = pack_below
         print(f"  round {r + 1}/{a.rounds}", flush=True)
     flops = step_flops_of(trainers["default"]) if "default" in trainers else None
     dtype = C.xmodal_precision("auto")
@@ -129,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             ]
         )
     body = (
-        f"`{a.model}`, batch {a.batch_size}, `--precision auto` ({dtype}), shapes batches; {a.rounds} "
+        f"`{a.model}`, batch {a.batch_size}, `--precision auto` ({dtype}), {a.dataset} batches; {a.rounds} "
         f"interleaved rounds of {a.steps} steps per variant, median step; {cores} threads unless said.\n\n"
         + C.table(["variant", "step ms", "samples/s", "vs default", "compile s", "compile pays after"], rows)
     )

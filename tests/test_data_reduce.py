@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli, write_tiny_manifest
+from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli, run_in_process, write_tiny_manifest
 from xmodal.data.reduce import (
     cluster_quotas,
     default_clusters,
@@ -288,8 +288,9 @@ def test_reduce_keeps_duplicate_rows_and_absolute_paths(trained, tmp_path, monke
         (["{m}", "--keep", "0.5", "--pick", "far"], "--pick far"),
     ],
 )
-def test_bad_input_is_one_line_error(trained, tmp_path, args, needle):
+def test_bad_input_is_one_line_error(trained, tmp_path, monkeypatch, args, needle):
     m, run, env = trained
+    monkeypatch.setenv("XMODAL_CACHE", env["XMODAL_CACHE"])  # in this process: no interpreter start-up
     model = run
     out = tmp_path / "small.jsonl"
     untrained = "--untrained" in args
@@ -303,7 +304,7 @@ def test_bad_input_is_one_line_error(trained, tmp_path, args, needle):
         out = tmp_path / f"small{args[i + 1]}"
         args = args[:i] + args[i + 2 :]
     args = [a.replace("{m}", str(m)).replace("{missing}", str(tmp_path / "nope.jsonl")) for a in args]
-    p = run_cli("data", "reduce", *args, "--model", str(model), "--out", str(out), env=env, check=False)
+    p = run_in_process("data", "reduce", *args, "--model", str(model), "--out", str(out), check=False)
     assert_one_line_error(p, needle)
     assert not out.exists()
     if untrained:

@@ -62,7 +62,12 @@ def distill(data, teacher, out, *extra):
 
 
 @pytest.mark.parametrize(
-    "aug", [[], ["--aug-crop-scale", "0.8", "--aug-word-drop", "0.1"]], ids=["cached", "live"]
+    "aug",
+    [  # the cached teacher features are also checked in one process (test_teacher_cache_is_reused_…)
+        pytest.param([], marks=pytest.mark.slow),
+        ["--aug-crop-scale", "0.8", "--aug-word-drop", "0.1"],
+    ],
+    ids=["cached", "live"],
 )
 def test_two_process_gloo_equals_single_process(setup, tmp_path, aug):
     """Global batch 8: 2 processes of 4 vs one; affinity spans the global batch. The teacher is 128-d and

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli
+from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli, run_in_process
 from tests.conftest import unit_rows as _unit
 from xmodal.errors import UserError
 from xmodal.objectives import REGISTRY, Composite
@@ -116,7 +116,7 @@ def test_objectives_command_lists_every_registered_objective():
 
 def test_train_logs_each_term(tiny_manifest, tmp_path):
     out = tmp_path / "r"
-    run_cli(
+    run_in_process(
         "train",
         "--data",
         str(tiny_manifest),
@@ -135,7 +135,7 @@ def test_train_logs_each_term(tiny_manifest, tmp_path):
     for r in rows:
         assert set(r["losses"]) == {"clip", "uniformity"}
         assert abs(r["loss"] - (r["losses"]["clip"] + 0.1 * r["losses"]["uniformity"])) < 1e-5
-    p = run_cli(
+    p = run_in_process(
         "train",
         "--data",
         str(tiny_manifest),

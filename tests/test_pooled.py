@@ -119,6 +119,9 @@ def test_training_gives_the_loss_curve_of_the_full_last_block(tiny_manifest, tmp
     calls = []
     counted = lambda *a, **k: calls.append(1) or original(*a, **k)  # noqa: E731
     original = pooled.pooled_rows
+    monkeypatch.setattr(
+        text_module, "PACK_BELOW", 0.0
+    )  # the unpacked text tower (packing: test_text_packing)
     monkeypatch.setattr(pooled, "pooled_rows", counted)
     monkeypatch.setattr(text_module, "pooled_rows", counted)
     fast = micro_curve(tiny_manifest, tmp_path / "pooled")

@@ -145,7 +145,11 @@ def schemathesis(url: str, tmp_path, *args: str) -> str:
     return report
 
 
-@pytest.mark.parametrize(("api_key", "examples"), [(None, 20), (KEY, 10)], ids=["loopback", "api-key"])
+@pytest.mark.parametrize(
+    ("api_key", "examples"),
+    [(None, 20), pytest.param(KEY, 10, marks=pytest.mark.slow)],  # the key itself: test_serve_api
+    ids=["loopback", "api-key"],
+)
 def test_schemathesis_finds_nothing(index_dir, tmp_path, api_key, examples):
     """`st run` with all default checks and phases against the real server on loopback: no failures (with a
     key, its checks of the auth contract run too)."""

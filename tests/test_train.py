@@ -124,7 +124,9 @@ def test_fresh_run_refuses_to_overwrite_and_resume_of_finished_run_is_a_no_op(ti
         pytest.param("clip", [], marks=pytest.mark.slow),  # (covered by the two clip+… cases below)
         ("siglip", []),
         ("clip", ["--fsdp"]),
-        ("clip+uniformity:0.1+alignment:0.1+multipos:0.5+sdm:0.5", []),
+        pytest.param(  # (batch-level terms over the global batch: the combination below covers them too)
+            "clip+uniformity:0.1+alignment:0.1+multipos:0.5+sdm:0.5", [], marks=pytest.mark.slow
+        ),
         (  # everything beyond the pooled features: an EMA model (mod is momentum's ITC and distils mlm),
             # a teacher, tokens, and the fusion encoder (hard negatives and masking over the global batch)
             "clip+mod:0.5(queue=12,momentum=0.9)+cwcl:0.5(targets=teacher)+mixup:0.5(kind=m3col)"

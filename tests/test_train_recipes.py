@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli
+from tests.conftest import MICRO_TRAIN, assert_one_line_error, run_cli, run_in_process
 from tests.conftest import unit_rows as _unit
 from xmodal.errors import UserError
 from xmodal.objectives import Composite, clip_loss
@@ -85,14 +85,14 @@ def test_train_with_the_recipe_saves_its_values_and_a_flag_wins(tiny_manifest, t
     out = tmp_path / "r"
     base = ["train", "--data", str(tiny_manifest), "--out", str(out)]
     flags = ["--aug-flip", "0", "--aug-randaugment-n", "2"]  # one overrides the recipe, one adds to it
-    run_cli(*base, *MICRO_TRAIN, "--steps", "2", "--log-every", "1", "--recipe", "improved", *flags)
+    run_in_process(*base, *MICRO_TRAIN, "--steps", "2", "--log-every", "1", "--recipe", "improved", *flags)
     saved = yaml.safe_load((out / "config.yaml").read_text())["train"]
     assert saved["recipe"] == "improved" and saved["aug_flip"] == 0.0 and saved["aug_randaugment_n"] == 2
     want = {**recipe_values("improved"), "aug_flip": 0.0}
     assert {k: saved[k] for k in want} == want
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
-    run_cli(*base, "--steps", "3", "--resume")  # from the folder alone: the saved, resolved values
+    run_in_process(*base, "--steps", "3", "--resume")  # from the folder alone: the saved, resolved values
     again = yaml.safe_load((out / "config.yaml").read_text())["train"]
     assert {**again, "steps": 2} == saved
 

@@ -46,7 +46,7 @@ def can_pool_last(transformer: torch.nn.Module) -> bool:
     )
 
 
-def _run(block: torch.nn.Module, grad_checkpointing: bool, *args):
+def run_block(block: torch.nn.Module, grad_checkpointing: bool, *args):
     if grad_checkpointing and torch.is_grad_enabled():
         return checkpoint(block, *args, use_reentrant=False)
     return block(*args)
@@ -83,8 +83,8 @@ def pooled_rows(
     *body, last = transformer.resblocks
     gc = transformer.grad_checkpointing
     for block in body:
-        x = _run(block, gc, x, None, None, attn_mask)
-    return _run(lambda z: last_block_row(last, z, rows, attn_mask), gc, x)
+        x = run_block(block, gc, x, None, None, attn_mask)
+    return run_block(lambda z: last_block_row(last, z, rows, attn_mask), gc, x)
 
 
 def can_pool_image(visual: torch.nn.Module) -> bool:
