@@ -1,8 +1,8 @@
 """The text tower on packed rows (xmodal/models/text.py): each block equal to the full block on the
 caption's own rows (brute force: the whole padded batch, then the rows), encode_text equal to open_clip's,
-forward and every gradient, with grad checkpointing, written-out attention, LayerScale and without
-gradients; batches without padding keep the plain trimmed path; a training run gives the same loss curve
-to 1e-5 packed and unpacked."""
+forward and every gradient, with or without padding rows that round the packed count up, with grad
+checkpointing, written-out attention, LayerScale and without gradients; batches without padding keep the
+plain trimmed path; a training run gives the same loss curve to 1e-5 packed and unpacked."""
 
 import open_clip
 import pytest
@@ -71,8 +71,21 @@ def _counting(monkeypatch) -> list[int]:
     return calls
 
 
+def test_packed_positions_are_the_own_tokens_then_the_first_padding_up_to_the_multiple():
+    ends = torch.tensor([2, 0, 4, 1])  # 3 + 1 + 5 + 2 = 11 own tokens of 20
+    own = torch.arange(5) <= ends[:, None]
+    for multiple, want in [(1, 11), (4, 12), (8, 16), (64, 20)]:
+        keep = text_module.packed_positions(ends, 5, multiple)
+        assert int(keep.sum()) == want and bool(keep[own].all())
+        extra = (keep & ~own).view(-1).nonzero().squeeze(1)
+        first = (~own).view(-1).nonzero().squeeze(1)[: want - 11]  # the first padding positions, flat order
+        assert torch.equal(extra, first)
+
+
+@pytest.mark.parametrize("multiple", [1, 8])  # 27 own rows alone, or 5 padding rows run beside them
 @pytest.mark.parametrize("variant", ["plain", "explicit attention", "checkpointing"])
-def test_encode_text_equals_open_clips(variant, monkeypatch):
+def test_encode_text_equals_open_clips(variant, multiple, monkeypatch):
+    monkeypatch.setattr(text_module, "PACK_MULTIPLE", multiple)
     model = _model(ls_init_value=0.3)
     if variant == "explicit attention":
         use_explicit_attention(model)
@@ -107,6 +120,7 @@ def test_batches_without_padding_keep_the_trimmed_path(monkeypatch):
 
 def test_training_gives_the_loss_curve_of_the_unpacked_tower(tiny_manifest, tmp_path, monkeypatch):
     monkeypatch.setattr(text_module, "PACK_BELOW", 1.01)  # pack every batch
+    monkeypatch.setattr(text_module, "PACK_MULTIPLE", 8)  # with a few padding rows where they round up
     calls = _counting(monkeypatch)
     packed = micro_curve(tiny_manifest, tmp_path / "packed")
     packed_calls = len(calls)

@@ -23,9 +23,14 @@ from open_clip.transformer import ResidualAttentionBlock
 from xmodal.models.attention import attend
 from xmodal.models.pooled import can_pool_last, pooled_rows, run_block
 
-# Packing pays for its gather and scatter once the padding is more than this share of the trimmed rows
-# (benchmarks/step_variants.py measures both): below it, the plain trimmed batch runs.
+# Packing runs when the captions' own tokens are under this share of the trimmed [n, t] positions. Measured
+# (benchmarks/step_variants.py): 1.03x at 72 % (shapes), 1.14x at 34 % (emoji); near 100 % its gather and
+# scatter are pure cost, so the plain trimmed batch runs.
 PACK_BELOW = 0.9
+# The packed row count is rounded up to a multiple of this (see packed_positions). Unrounded, the sizes of
+# the packed matrices change every step and glibc's heap, kept by xmodal/train/allocator.py, fragments:
+# 150 steps of `xmodal train` (xm-tiny, emoji) peaked at 2863 MiB RSS, rounded at 1419, unpacked at 1420.
+PACK_MULTIPLE = 64
 
 
 def can_trim(model: torch.nn.Module) -> bool:
@@ -39,6 +44,18 @@ def can_trim(model: torch.nn.Module) -> bool:
 def _unpack(z: torch.Tensor, index: torch.Tensor, n: int, t: int) -> torch.Tensor:
     """Packed rows [m, c] back into the batch's [n, t, c] layout (zeros where the padding was)."""
     return z.new_zeros(n * t, z.shape[-1]).index_copy(0, index, z).view(n, t, -1)
+
+
+def packed_positions(ends: torch.Tensor, t: int, multiple: int) -> torch.Tensor:
+    """The [n, t] positions to run: each caption's own tokens (up to its end-of-text at `ends`), plus the
+    first padding positions (in flat order) that round the count up to a multiple of `multiple`. The
+    rounding keeps the packed matrices to a few sizes, so the allocator reuses their memory from step to
+    step; a padding row is harmless, as the causal mask keeps it from every real query and its output
+    reaches no loss."""
+    valid = torch.arange(t, device=ends.device) <= ends[:, None]
+    extra = min(-int(valid.sum()) % multiple, valid.numel() - int(valid.sum()))
+    pad = ~valid
+    return valid | (pad & (pad.view(-1).cumsum(0).view_as(pad) <= extra))
 
 
 def packed_block(
@@ -55,7 +72,7 @@ def packed_block(
     x of the end-of-text rows, at positions `ends`) it returns those rows of the output only ([n, d], as
     `pooled.last_block_row`), else every packed row ([m, d])."""
     attn = block.attn
-    (n, t), d, h = shape, x.shape[-1], block.attn.num_heads
+    (n, t), d, h = shape, x.shape[-1], attn.num_heads
     y = block.ln_1(x)
     w, b = attn.in_proj_weight, attn.in_proj_bias
     if rows is None:
@@ -79,9 +96,9 @@ def packed_pooled_rows(
     """The text transformer's output at each caption's end-of-text row ([n, d]), every block run on the
     packed rows (see the module). text: [n, t] trimmed tokens; ends: [n] end-of-text positions."""
     n, t = text.shape
-    valid = torch.arange(t, device=text.device) <= ends[:, None]
-    index = valid.view(-1).nonzero().squeeze(1)
-    rows = (ends + 1).cumsum(0) - 1  # each caption's end-of-text in the packed rows
+    keep = packed_positions(ends, t, PACK_MULTIPLE)
+    index = keep.view(-1).nonzero().squeeze(1)
+    rows = keep.view(-1).cumsum(0)[torch.arange(n, device=text.device) * t + ends] - 1  # end-of-text rows
     cast_dtype = model.transformer.get_cast_dtype()
     x = model.token_embedding(text.reshape(-1)[index]).to(cast_dtype)
     x = x + model.positional_embedding[index % t].to(cast_dtype)
